@@ -35,17 +35,19 @@ Rules = Sequence[tuple[str, float]]
 # Learning-rate multipliers of the released prototxt (deml-reference.md §3.1,
 # §3.3, §3.4, §6): trunk conv weights 1 and biases 2, CAM weights 10 and biases
 # 20, branch FC W_b 10.  The adversary (§14.1) is ours: as fast as the CAMs.
+# '(^|/)' lets a group sit at the top of the tree ('adversary/pair_0_1/kernel')
+# or under a prefix ('params/...'); ".*/adversary/" would miss the former.
 # The same table is written in configs/common.py; keep the two equal.
 RELEASED_LR_MULTS: tuple[tuple[str, float], ...] = (
-    (r".*/cam_\d+/.*kernel$", 10.0),
-    (r".*/cam_\d+/.*bias$", 20.0),
-    (r".*/embed/kernel$", 10.0),
-    (r".*/adversary/.*kernel$", 10.0),
-    (r".*/adversary/.*bias$", 20.0),
-    (r".*bias$", 2.0),
+    (r"(^|/)cam_\d+/.*kernel$", 10.0),
+    (r"(^|/)cam_\d+/.*bias$", 20.0),
+    (r"(^|/)embed/kernel$", 10.0),
+    (r"(^|/)adversary/.*kernel$", 10.0),
+    (r"(^|/)adversary/.*bias$", 20.0),
+    (r"bias$", 2.0),
 )
 # Caffe decays weights only: decay_mult 1 on weights, 0 on biases (§3.1, §5.4).
-RELEASED_DECAY_MULTS: tuple[tuple[str, float], ...] = ((r".*kernel$", 1.0),)
+RELEASED_DECAY_MULTS: tuple[tuple[str, float], ...] = ((r"kernel$", 1.0),)
 DEFAULT_LR_MULT = 1.0  # Caffe ParamSpec.lr_mult default
 DEFAULT_DECAY_MULT = 0.0  # unmatched params (biases) are not decayed, §5.4
 
