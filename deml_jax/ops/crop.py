@@ -1,0 +1,347 @@
+"""Object-attention box and crop on device (deml-reference.md §4 steps 5-10, §3.5).
+
+The Caffe ``ProposalCrop`` layer turns a random-walk map into a box with OpenCV
+(uint8 quantisation, ``resize``, ``threshold``, ``findContours``) and crops the
+image with ``cv::resize``.  Here every step is a fixed-shape array program:
+
+* the uint8 bilinear upsample reproduces OpenCV's fixed-point ``INTER_LINEAR``
+  (11-bit weights, its vertical rounding, its border rules) bit for bit;
+* the largest contour is replaced by the largest 8-connected component by pixel
+  count, found by label propagation (§12: same box in 300/300 simulated maps);
+* the crop is two batched matmuls with separable interpolation matrices.
+
+``method='host'`` in :func:`object_attention_crop` runs the exact OpenCV
+emulation (:mod:`deml_jax.ops.proposal_crop_host`) through ``jax.pure_callback``.
+Nothing here is differentiable: every output is under ``stop_gradient`` (§4 step 11).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deml_jax.ops.random_walk import NUM_STEPS, SIGMA_RATIO, random_walk_attention
+
+# §3.5: ProposalCrop out_size and mean_value1..3 (B, G, R) of the released prototxt.
+OUT_SIZE = 227
+MEAN_BGR = (123.0, 117.0, 104.0)
+# OpenCV INTER_RESIZE_COEF_BITS: bilinear weights of uint8 resize are multiples of 2^-11.
+RESIZE_COEF_SCALE = 2048
+# Cap on label-propagation sweeps; blob-shaped regions converge in a handful.
+MAX_CC_SWEEPS = 256
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+# ----------------------------------------------------------------------------- steps 5-7
+
+def quantize_attention(attention):
+    """``floor(255 (m - min) / (max - min))`` as int32 ``[B, h, w]`` (§4 step 5).
+
+    Same float32 operation order as Caffe (``255*(M-min)/(max-min)`` then the
+    truncating ``(uchar)`` cast).  Fallback when ``max == min`` (Caffe: 0/0):
+    all zeros, which later yields no foreground and the whole-image box.
+    """
+    m = attention.astype(jnp.float32)
+    lo = jnp.min(m, axis=(1, 2), keepdims=True)
+    hi = jnp.max(m, axis=(1, 2), keepdims=True)
+    span = jnp.where(hi > lo, hi - lo, 1.0)
+    q = jnp.floor(255.0 * (m - lo) / span)
+    return jnp.where(hi > lo, jnp.clip(q, 0, 255), 0).astype(jnp.int32)
+
+
+def cv_linear_taps(src: int, dst: int, clamp_weights: bool):
+    """OpenCV ``INTER_LINEAR`` source taps for a static ``src -> dst`` resize.
+
+    Returns int arrays ``(i0, i1, w0, w1)`` of shape ``[dst]`` with the 11-bit
+    fixed-point weights ``saturate_cast<short>(cbuf * 2048)`` (round half even).
+    OpenCV clamps the horizontal fraction to 0 at the borders
+    (``clamp_weights=True``) but only clips the row indices vertically.
+    """
+    scale = 1.0 / (dst / src)  # OpenCV: scale_x = 1. / inv_scale_x, in double
+    f = ((np.arange(dst) + 0.5) * scale - 0.5).astype(np.float32)
+    s = np.floor(f).astype(np.int64)
+    f = (f - s.astype(np.float32)).astype(np.float32)
+    if clamp_weights:
+        f = np.where((s < 0) | (s >= src - 1), np.float32(0), f)
+        s = np.clip(s, 0, src - 1)
+    w0 = np.rint((np.float32(1) - f) * np.float32(RESIZE_COEF_SCALE)).astype(np.int64)
+    w1 = np.rint(f * np.float32(RESIZE_COEF_SCALE)).astype(np.int64)
+    return np.clip(s, 0, src - 1), np.clip(s + 1, 0, src - 1), w0, w1
+
+
+def upsample_like_cv2(a8, size: int):
+    """``cv2.resize(a8, (size, size), INTER_LINEAR)`` for uint8 maps, bit-exact.
+
+    ``a8`` int32 ``[B, h, w]`` in ``[0, 255]`` -> int32 ``[B, size, size]`` (§4 step 6).
+    Horizontal pass in integers (scale 2^11), then OpenCV's vertical uint8 rule
+    ``((b0 (S0 >> 4)) >> 16 + (b1 (S1 >> 4)) >> 16 + 2) >> 2``; checked against
+    cv2 in tests/ops/test_crop.py.
+    """
+    _, h, w = a8.shape
+    xi0, xi1, xw0, xw1 = cv_linear_taps(w, size, clamp_weights=True)
+    yi0, yi1, yw0, yw1 = cv_linear_taps(h, size, clamp_weights=False)
+    rows = a8[:, :, xi0] * xw0.astype(np.int32) + a8[:, :, xi1] * xw1.astype(np.int32)
+    top = (yw0.astype(np.int32)[:, None] * (rows[:, yi0, :] >> 4)) >> 16
+    bottom = (yw1.astype(np.int32)[:, None] * (rows[:, yi1, :] >> 4)) >> 16
+    return (top + bottom + 2) >> 2
+
+
+def foreground_mask(upsampled):
+    """``value > floor(mean)`` per image, bool ``[B, S, S]`` (§4 step 7).
+
+    OpenCV's uint8 threshold compares with ``cvFloor(thresh)``; the integer
+    floor-division of the exact pixel sum equals it.
+    """
+    _, s, _ = upsampled.shape
+    total = jnp.sum(upsampled, axis=(1, 2), keepdims=True)
+    return upsampled > total // (s * s)
+
+
+# ----------------------------------------------------------------------------- step 8
+
+def _row_run_min(labels, fg):
+    """Smallest label of every horizontal run of foreground pixels, ``[B, S, S]``."""
+    b, s, _ = labels.shape
+    left = jnp.pad(fg[:, :, :-1], ((0, 0), (0, 0), (1, 0)))
+    starts = (fg & ~left).reshape(-1)
+    run = jnp.cumsum(starts.astype(jnp.int32)) - 1  # runs never span rows: col 0 starts one
+    run = jnp.where(fg.reshape(-1), run, b * s * s)  # background: out of range, dropped
+    mins = jax.ops.segment_min(labels.reshape(-1), run, num_segments=b * s * s)
+    spread = mins[jnp.minimum(run, b * s * s - 1)].reshape(b, s, s)
+    return jnp.where(fg, spread, labels)
+
+
+def _propagate_once(labels, fg, background):
+    """One sweep: row runs, column runs, 3x3 (8-connectivity) min, pointer jump."""
+    b, s, _ = labels.shape
+    labels = _row_run_min(labels, fg)
+    labels = jnp.swapaxes(_row_run_min(jnp.swapaxes(labels, 1, 2), jnp.swapaxes(fg, 1, 2)), 1, 2)
+    window = jax.lax.reduce_window(labels, background, jax.lax.min, (1, 3, 3), (1, 1, 1), "SAME")
+    labels = jnp.where(fg, window, background)
+    flat = labels.reshape(b, s * s)  # a label is a pixel index of the same component
+    jumped = jnp.take_along_axis(flat, jnp.minimum(flat, s * s - 1), axis=1)
+    return jnp.where(fg, jumped.reshape(b, s, s), background)
+
+
+def connected_components(fg, max_sweeps: int = MAX_CC_SWEEPS):
+    """8-connected component labels of ``fg`` bool ``[B, S, S]`` -> int32 ``[B, S, S]``.
+
+    Each foreground pixel gets the smallest row-major index ``r * S + c`` of its
+    component; background gets ``S * S``.  Label propagation until nothing
+    changes (or ``max_sweeps``); run-wise minima make it converge in a few sweeps
+    for the blob-shaped regions of upsampled 7x7 maps.
+    """
+    b, s, _ = fg.shape
+    background = jnp.int32(s * s)
+    index = jnp.arange(s * s, dtype=jnp.int32).reshape(1, s, s)
+    labels = jnp.where(fg, index, background)
+
+    def cond(state):
+        _, changed, sweep = state
+        return changed & (sweep < max_sweeps)
+
+    def body(state):
+        labels, _, sweep = state
+        new = _propagate_once(labels, fg, background)
+        return new, jnp.any(new != labels), sweep + 1
+
+    labels, _, _ = jax.lax.while_loop(cond, body, (labels, jnp.array(True), jnp.int32(0)))
+    return labels
+
+
+def _mask_bbox(mask):
+    """Inclusive bounding box ``(y, x, h, w)`` int32 ``[B]`` each of bool ``[B, S, S]``."""
+    s = mask.shape[1]
+    rows, cols = jnp.any(mask, axis=2), jnp.any(mask, axis=1)
+    y = jnp.argmax(rows, axis=1)
+    x = jnp.argmax(cols, axis=1)
+    h = s - jnp.argmax(rows[:, ::-1], axis=1) - y
+    w = s - jnp.argmax(cols[:, ::-1], axis=1) - x
+    return y.astype(jnp.int32), x.astype(jnp.int32), h.astype(jnp.int32), w.astype(jnp.int32)
+
+
+def largest_region_bbox(fg, largest_component: bool = True):
+    """Bounding rect ``(y, x, h, w)`` of the largest foreground region (§4 step 8).
+
+    ``largest_component=True``: largest 8-connected component by pixel count
+    (ties: smallest label); ``False``: box of all foreground pixels (cheaper,
+    equal whenever the binary map has one component).  Also returns ``found``
+    bool ``[B]`` (False when there is no foreground).
+    """
+    b, s, _ = fg.shape
+    mask = fg
+    if largest_component:
+        labels = connected_components(fg)
+        ids = labels + (jnp.arange(b, dtype=jnp.int32) * (s * s + 1))[:, None, None]
+        counts = jax.ops.segment_sum(fg.reshape(-1).astype(jnp.int32), ids.reshape(-1),
+                                     num_segments=b * (s * s + 1))
+        counts = counts.reshape(b, s * s + 1)[:, : s * s]
+        best = jnp.argmax(counts, axis=1).astype(jnp.int32)
+        mask = fg & (labels == best[:, None, None])
+    return (*_mask_bbox(mask), jnp.any(fg, axis=(1, 2)))
+
+
+# ----------------------------------------------------------------------------- step 9
+
+def squarify_box(y, x, h, w, image_size: int):
+    """Square box centred on a rect, clipped: int32 ``[B, 4]`` ``(y0, x0, y1, x1)``.
+
+    §4 step 9: ``x' = x + R((w-h)/4)``, ``y' = y + R((h-w)/4)``,
+    ``s = R((w+h)/2)`` with ``R`` = cvRound = round half to even (``jnp.round``),
+    then the intersection with ``[0, S) x [0, S)`` (end-exclusive).
+    """
+    y, x, h, w = (jnp.asarray(v, jnp.int32) for v in (y, x, h, w))
+    x0 = x + jnp.round((w - h).astype(jnp.float32) / 4.0).astype(jnp.int32)
+    y0 = y + jnp.round((h - w).astype(jnp.float32) / 4.0).astype(jnp.int32)
+    side = jnp.round((w + h).astype(jnp.float32) / 2.0).astype(jnp.int32)
+    box = (jnp.maximum(y0, 0), jnp.maximum(x0, 0),
+           jnp.minimum(y0 + side, image_size), jnp.minimum(x0 + side, image_size))
+    return jnp.stack(box, axis=-1).astype(jnp.int32)
+
+
+def attention_boxes(attention, image_size: int, *, largest_component: bool = True):
+    """Attention map -> crop box, on device (§4 steps 5-9).
+
+    Args:
+      attention: ``[B, h, w]`` float random-walk maps.
+      image_size: side ``S`` of the square image the box refers to (static).
+      largest_component: see :func:`largest_region_bbox`.
+    Returns:
+      int32 ``[B, 4]`` ``(y0, x0, y1, x1)``, end-exclusive, inside ``[0, S]``.
+      Fallback when no pixel passes the threshold (constant map; Caffe would
+      fail on an empty rect): the whole image ``(0, 0, S, S)``.
+    """
+    if attention.ndim != 3:
+        raise ValueError(f"attention must be [B, h, w], got shape {attention.shape}")
+    if int(image_size) < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
+    attention = jax.lax.stop_gradient(attention)
+    fg = foreground_mask(upsample_like_cv2(quantize_attention(attention), int(image_size)))
+    y, x, h, w, found = largest_region_bbox(fg, largest_component)
+    boxes = squarify_box(y, x, h, w, int(image_size))
+    whole = jnp.array([0, 0, image_size, image_size], jnp.int32)
+    return jnp.where(found[:, None], boxes, whole)
+
+
+# ----------------------------------------------------------------------------- step 10
+
+def _interp_matrix(start, length, out_size: int, size: int, clamp_weights: bool):
+    """Bilinear resampling matrix ``[B, out_size, size]`` of the span ``[start, start+length)``.
+
+    OpenCV ``INTER_LINEAR`` on ``img[start:start+length]``: source coordinate
+    ``(i + 0.5) * length / out - 0.5`` (written as one exact-numerator division),
+    taps clipped to the span; horizontally OpenCV also zeroes the fraction at
+    the borders (``clamp_weights``), vertically it only clips the rows.
+    """
+    start = start.astype(jnp.int32)[:, None]
+    length = jnp.maximum(length.astype(jnp.int32), 1)[:, None]
+    i = jnp.arange(out_size, dtype=jnp.int32)[None, :]
+    coord = ((2 * i + 1) * length - out_size).astype(jnp.float32) / jnp.float32(2 * out_size)
+    base = jnp.floor(coord)
+    frac = coord - base
+    base = base.astype(jnp.int32)
+    if clamp_weights:
+        frac = jnp.where((base < 0) | (base >= length - 1), 0.0, frac)
+    i0 = start + jnp.clip(base, 0, length - 1)
+    i1 = start + jnp.clip(base + 1, 0, length - 1)
+    grid = jnp.arange(size, dtype=jnp.int32)[None, None, :]
+    return ((1.0 - frac)[..., None] * (grid == i0[..., None])
+            + frac[..., None] * (grid == i1[..., None]))
+
+
+def crop_and_resize(images, boxes, out_size: int):
+    """Crop each box and resize it to ``out_size x out_size`` (§4 step 10), on device.
+
+    Matches ``cv2.resize(img[y0:y1, x0:x1], (out, out), INTER_LINEAR)`` on float
+    images (half-pixel centres, clamped to the box, anisotropic when the clipped
+    box is not square).  Separable: two batched matmuls with ``[B, out, S]``
+    interpolation matrices (GEMM/MXU friendly).  Caffe resizes the uint8 image
+    and subtracts the mean afterwards; bilinear weights sum to 1, so resizing the
+    mean-subtracted floats is the same up to Caffe's uint8 rounding (<= 0.5).
+
+    Args:
+      images: ``[B, S, S, C]`` float (any float dtype; math in float32).
+      boxes: int ``[B, 4]`` ``(y0, x0, y1, x1)``, end-exclusive, non-empty.
+      out_size: output side (static).
+    Returns:
+      ``[B, out_size, out_size, C]`` float32, under ``stop_gradient``.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must be [B, H, W, C], got shape {images.shape}")
+    if boxes.shape != (images.shape[0], 4):
+        raise ValueError(f"boxes must be [{images.shape[0]}, 4], got shape {boxes.shape}")
+    if int(out_size) < 1:
+        raise ValueError(f"out_size must be >= 1, got {out_size}")
+    images = jax.lax.stop_gradient(images).astype(jnp.float32)
+    boxes = jax.lax.stop_gradient(boxes).astype(jnp.int32)
+    _, h, w, _ = images.shape
+    rows = _interp_matrix(boxes[:, 0], boxes[:, 2] - boxes[:, 0], out_size, h, False)
+    cols = _interp_matrix(boxes[:, 1], boxes[:, 3] - boxes[:, 1], out_size, w, True)
+    tmp = jnp.einsum("biy,byxc->bixc", rows, images, precision=_HIGHEST)
+    return jnp.einsum("bjx,bixc->bijc", cols, tmp, precision=_HIGHEST)
+
+
+# ----------------------------------------------------------------------------- the module
+
+OAM_METHODS = ("device", "host")
+
+
+def _host_oam(images, features, *, out_size, num_steps, sigma_ratio, mean_bgr, converged):
+    """The exact Caffe emulation through ``jax.pure_callback`` (works under jit)."""
+    from deml_jax.ops import proposal_crop_host  # cv2 import only when used
+
+    b, _, _, c = images.shape
+    shapes = (jax.ShapeDtypeStruct((b, out_size, out_size, c), jnp.float32),
+              jax.ShapeDtypeStruct(features.shape[:3], jnp.float32),
+              jax.ShapeDtypeStruct((b, 4), jnp.int32))
+
+    def callback(imgs, feats):
+        return proposal_crop_host.proposal_crop_batch(
+            np.asarray(imgs, np.float32), np.asarray(feats, np.float32), out_size, mean_bgr,
+            num_steps=num_steps, sigma_ratio=sigma_ratio, converged=converged)
+
+    return jax.pure_callback(callback, shapes, images.astype(jnp.float32),
+                             features.astype(jnp.float32), vmap_method="sequential")
+
+
+def object_attention_crop(images, features, *, out_size: int = OUT_SIZE,
+                          num_steps: int = NUM_STEPS, sigma_ratio: float = SIGMA_RATIO,
+                          method: str = "device", mean_bgr=MEAN_BGR,
+                          converged: bool = False, largest_component: bool = True):
+    """The object-attention module (§4, chained as in §3.5); no gradient flows.
+
+    Args:
+      images: ``[B, S, S, 3]`` BGR mean-subtracted float images (square).
+      features: ``[B, h, w, C]`` float feature map (learner-1 ``inception_5b``).
+      out_size: crop side (227 in the released prototxt).
+      num_steps, sigma_ratio, converged: random walk, see ``random_walk_attention``.
+      method: ``'device'`` (jit path, this module) or ``'host'`` (exact OpenCV
+        emulation through ``jax.pure_callback``; the batch size must be static).
+      mean_bgr: per-channel means added back to rebuild uint8 pixels (host path).
+      largest_component: device path only, see :func:`largest_region_bbox`.
+    Returns:
+      dict ``crops`` float32 ``[B, out, out, 3]``, ``attention`` float32
+      ``[B, h, w]``, ``boxes`` int32 ``[B, 4]`` ``(y0, x0, y1, x1)``.
+    """
+    if method not in OAM_METHODS:
+        raise ValueError(f"method must be one of {OAM_METHODS}, got {method!r}")
+    if images.ndim != 4 or images.shape[1] != images.shape[2]:
+        raise ValueError(f"images must be square [B, S, S, C], got shape {images.shape}")
+    if features.ndim != 4 or features.shape[0] != images.shape[0]:
+        raise ValueError(f"features must be [B, h, w, C] with B = {images.shape[0]}, "
+                         f"got shape {features.shape}")
+    images = jax.lax.stop_gradient(images)
+    features = jax.lax.stop_gradient(features)
+    if method == "host":
+        crops, attention, boxes = _host_oam(
+            images, features, out_size=out_size, num_steps=num_steps, sigma_ratio=sigma_ratio,
+            mean_bgr=tuple(float(v) for v in mean_bgr), converged=converged)
+    else:
+        attention = random_walk_attention(features, num_steps, sigma_ratio, converged=converged)
+        boxes = attention_boxes(attention, images.shape[1], largest_component=largest_component)
+        crops = crop_and_resize(images, boxes, out_size)
+    return {"crops": jax.lax.stop_gradient(crops),
+            "attention": jax.lax.stop_gradient(attention),
+            "boxes": jax.lax.stop_gradient(boxes)}
