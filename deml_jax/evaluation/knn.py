@@ -90,7 +90,9 @@ def _local_top_k(s, lab, ids, k):
     """Top-k of the local slice; pads with (-inf, -1) when the slice has < k items."""
     kk = min(k, s.shape[1])
     vals, pos = lax.top_k(s, kk)
-    out_ids, out_lab = ids[pos], lab[pos]
+    # -inf = ineligible (self, padding): finite inputs give finite scores.
+    gone = jnp.isneginf(vals)
+    out_ids, out_lab = jnp.where(gone, -1, ids[pos]), jnp.where(gone, -1, lab[pos])
     if kk < k:
         pad = ((0, 0), (0, k - kk))
         vals = jnp.pad(vals, pad, constant_values=-jnp.inf)
