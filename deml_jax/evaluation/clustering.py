@@ -27,12 +27,17 @@ _HI = lax.Precision.HIGHEST
 
 
 def _kmeans_pp(x, x_sq, k, key):
-    """k-means++ seeding (Arthur & Vassilvitskii 2007): D^2 sampling, one trial."""
+    """Greedy k-means++ seeding (Arthur & Vassilvitskii 2007; scikit-learn's
+    variant): each step draws 2 + floor(ln k) candidates by D^2 sampling and
+    keeps the one that lowers the potential most (plain k-means++ often puts
+    two seeds in one well-separated blob)."""
+    trials = 2 + int(np.log(k))
     key, sub = jax.random.split(key)
     first = jax.random.randint(sub, (), 0, x.shape[0])
 
-    def d2_to(c):
-        return jnp.maximum(x_sq - 2.0 * jnp.dot(x, c, precision=_HI) + jnp.dot(c, c), 0.0)
+    def d2_to(c):  # c [m, D] -> [m, N]
+        cross = jnp.dot(c, x.T, precision=_HI)
+        return jnp.maximum(x_sq[None] - 2.0 * cross + jnp.sum(c * c, 1)[:, None], 0.0)
 
     centers = jnp.zeros((k, x.shape[1]), x.dtype).at[0].set(x[first])
 
@@ -41,10 +46,12 @@ def _kmeans_pp(x, x_sq, k, key):
         key, sub = jax.random.split(key)
         # All-zero d2 (fewer distinct points than k): fall back to uniform.
         logits = jnp.where(jnp.sum(d2) > 0, jnp.log(d2), 0.0)
-        c = x[jax.random.categorical(sub, logits)]
-        return centers.at[i].set(c), jnp.minimum(d2, d2_to(c)), key
+        cand = jax.random.categorical(sub, logits, shape=(trials,))
+        new_d2 = jnp.minimum(d2[None], d2_to(x[cand]))
+        best = jnp.argmin(jnp.sum(new_d2, axis=1))
+        return centers.at[i].set(x[cand[best]]), new_d2[best], key
 
-    centers, _, _ = lax.fori_loop(1, k, body, (centers, d2_to(x[first]), key))
+    centers, _, _ = lax.fori_loop(1, k, body, (centers, d2_to(x[first][None])[0], key))
     return centers
 
 
