@@ -112,7 +112,9 @@ class Checkpointer:
         ``workdir/best``.
       max_to_keep: newest checkpoints kept (snapshot every 500 iters, §6).
       save_every: :meth:`save` writes only on multiples of this (unless
-        ``force``); the released solver snapshots every 500 iterations (§6).
+        ``force``).  The default 1 lets the caller decide (the trainer calls
+        :meth:`save` every ``config.checkpoint_every_steps``, 500 in the
+        released solver, §6, and at the end or on preemption).
       best_metric: name of a *validation* metric to track, or None.
       best_mode: ``'max'`` (e.g. Recall@1) or ``'min'``.
       async_save: orbax writes in a background thread; :meth:`wait` /
@@ -122,7 +124,7 @@ class Checkpointer:
     state, an int step, ``jax.random.key_data(rng)``); ``meta``: a JSON dict.
     """
 
-    def __init__(self, workdir, *, max_to_keep: int = 3, save_every: int = 500,
+    def __init__(self, workdir, *, max_to_keep: int = 3, save_every: int = 1,
                  best_metric: str | None = None, best_mode: str = "max",
                  async_save: bool = True):
         if not isinstance(max_to_keep, int) or max_to_keep < 1:

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-log = logging.getLogger(__name__)
+_logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 TEXT_FILE = "text.jsonl"
@@ -102,7 +102,7 @@ def read_metrics(workdir) -> list[dict]:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
             if i == len(lines) - 1:
-                log.warning("skipping truncated last line of %s", path)
+                _logger.warning("skipping truncated last line of %s", path)
                 continue
             raise ValueError(f"{path}:{i + 1} is not JSON: {line[:80]!r}") from None
     return rows
@@ -115,7 +115,7 @@ def _tensorboard_writer(logdir: Path):
         from tensorboardX import SummaryWriter
     except ImportError as err:
         if not _warned_no_tensorboard:
-            log.warning("tensorboardX unavailable (%s): writing %s only",
+            _logger.warning("tensorboardX unavailable (%s): writing %s only",
                         err, METRICS_FILE)
             _warned_no_tensorboard = True
         return None
@@ -215,11 +215,13 @@ class ProgressBar:
       stream: where to write (default ``sys.stderr``).
       every: printing period on a non-TTY stream.
       clock: seconds source (injectable for tests).
+      enabled: False prints nothing (e.g. on non-primary hosts).
     """
 
     def __init__(self, total_steps: int, start_step: int = 0, *,
                  images_per_step: int | None = None, stream: TextIO | None = None,
-                 every: int = 100, clock: Callable[[], float] = time.monotonic):
+                 every: int = 100, clock: Callable[[], float] = time.monotonic,
+                 enabled: bool = True):
         if _step(total_steps) < _step(start_step):
             raise ValueError(f"total_steps ({total_steps}) must be >= start_step "
                              f"({start_step})")
@@ -229,6 +231,7 @@ class ProgressBar:
         self.images_per_step, self.every, self.clock = images_per_step, every, clock
         self.stream = stream if stream is not None else sys.stderr
         self.is_tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.enabled = bool(enabled)
         self._first: tuple[int, float] | None = None
         self._width = 0
 
@@ -251,10 +254,13 @@ class ProgressBar:
         parts += [f"{k} {float(v):.4g}" for k, v in (extras or {}).items()]
         return " | ".join(parts)
 
-    def update(self, step: int, **extras: float) -> None:
-        """Reports that ``step`` is done; ``extras`` (e.g. loss) are shown too."""
+    def update(self, step: int, metrics: Mapping[str, float] | None = None,
+               **extras: float) -> None:
+        """Reports that ``step`` is done; ``metrics``/``extras`` (e.g. loss) are shown."""
         step = _step(step)
-        line = self.format(step, extras)
+        if not self.enabled:
+            return
+        line = self.format(step, {**(metrics or {}), **extras})
         if self.is_tty:
             self.stream.write("\r" + line.ljust(self._width))
             self._width = max(self._width, len(line))
@@ -269,3 +275,21 @@ class ProgressBar:
         if self.is_tty and self._width:
             self.stream.write("\n")
             self.stream.flush()
+
+
+def log(message: str, *, stream: TextIO | None = None) -> None:
+    """Writes ``HH:MM:SS message`` to ``stream`` (default stderr), flushed."""
+    stream = stream if stream is not None else sys.stderr
+    stream.write(f"{time.strftime('%H:%M:%S')} {message}\n")
+    stream.flush()
+
+
+def format_table(results: Mapping[str, Any], title: str = "") -> str:
+    """A two-column ``name | value`` text table (floats with 4 decimals)."""
+    rows = [(str(k), f"{v:.4f}" if isinstance(v, (float, np.floating)) else str(v))
+            for k, v in results.items()]
+    width = max([len(k) for k, _ in rows] + [4])
+    lines = [title] if title else []
+    lines += [f"{'name':<{width}} | value", f"{'-' * width}-+-------"]
+    lines += [f"{k:<{width}} | {v}" for k, v in rows]
+    return "\n".join(lines)

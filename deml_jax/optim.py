@@ -396,3 +396,8 @@ def describe_param_groups(params, config) -> str:
         lines.append(f"{lr:>7g} {decay:>10g} {'yes' if frozen else 'no':>6} "
                      f"{len(paths):>7} {count:>12,}  {paths[0]}")
     return "\n".join(lines)
+
+
+def describe_multipliers(config, params) -> str:
+    """:func:`describe_param_groups` with the (config, params) argument order."""
+    return describe_param_groups(params, config)

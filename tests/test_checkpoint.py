@@ -188,3 +188,12 @@ def test_sigterm_sets_flag_and_handlers_are_restored():
     flag.uninstall()
     assert signal.getsignal(signal.SIGTERM) is before_term
     assert signal.getsignal(signal.SIGINT) is before_int
+
+
+def test_default_saves_whenever_asked_for_a_newer_step(tmp_path):
+    with checkpoint.Checkpointer(tmp_path) as ckpt:  # the trainer decides when
+        assert ckpt.save(3, {"x": np.float32(3)})
+        assert not ckpt.save(3, {"x": np.float32(4)})  # never overwrites
+        assert not ckpt.save(2, {"x": np.float32(2)})  # older than the latest
+        assert ckpt.save(5, {"x": np.float32(5)})
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "5"]

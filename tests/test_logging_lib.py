@@ -165,3 +165,22 @@ def test_progress_bar_tty_redraws_in_place():
     assert out.count("\r") == 3 and out.endswith("\n") and out.count("\n") == 1
     assert "step 1/10 (10.0%) | ? steps/s | ETA ?" in out
     assert "step 3/10 (30.0%) | 0.02 steps/s | ETA 0:07:00" in out
+
+
+def test_progress_bar_disabled_and_metrics_mapping():
+    stream, clock = io.StringIO(), FakeClock()
+    logging_lib.ProgressBar(10, stream=stream, clock=clock, enabled=False).update(10)
+    assert stream.getvalue() == ""
+    bar = logging_lib.ProgressBar(10, stream=stream, clock=clock, every=5)
+    bar.update(5, {"loss": 0.5}, lr=1e-5)
+    assert stream.getvalue().rstrip("\n").endswith("| loss 0.5 | lr 1e-05")
+
+
+def test_log_and_format_table():
+    stream = io.StringIO()
+    logging_lib.log("starting", stream=stream)
+    hh, mm, rest = stream.getvalue().split(":", 2)
+    assert len(hh) == len(mm) == 2 and rest[2:] == " starting\n"
+    table = logging_lib.format_table({"recall@1": 0.6471, "n": 5924}, title="test")
+    assert table.splitlines() == ["test", "name     | value", "---------+-------",
+                                  "recall@1 | 0.6471", "n        | 5924"]

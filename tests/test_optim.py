@@ -241,3 +241,10 @@ def test_missing_key_and_cosine_warmup_errors():
     with pytest.raises(ValueError, match="warmup_steps"):
         optim.lr_schedule(optim.default_config(schedule="cosine", warmup_steps=5,
                                                total_steps=5))
+
+
+def test_describe_multipliers_argument_order_alias():
+    params = nest({k: np.zeros(s, np.float32) for k, s in SHAPES.items()})
+    config = optim.default_config()
+    assert optim.describe_multipliers(config, params) == \
+        optim.describe_param_groups(params, config)
