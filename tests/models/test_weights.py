@@ -208,3 +208,137 @@ def test_cli_roundtrip(fake_bvlc, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         convert_weights.main(["--help"])
     assert e.value.code == 0 and "--torch_state_dict" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------ torchvision --
+def torch_model(num_classes=10, aux=False, seed=0):
+    torch.manual_seed(seed)
+    m = TorchGoogLeNet.from_name("googlenet", override_params={
+        "num_classes": num_classes, "aux_logits": aux, "transform_input": True})
+    with torch.no_grad():  # non-trivial BN affine and running stats
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.2, 0.2)
+                mod.running_mean.uniform_(-0.2, 0.2)
+                mod.running_var.uniform_(0.5, 2.0)
+    return m
+
+
+@pytest.fixture(scope="module")
+def tv():
+    m = torch_model()
+    params, stats = W.torchvision_params_from_state_dict(m.state_dict())
+    x = np.random.default_rng(0).normal(0, 1, (2, 224, 224, 3)).astype(np.float32)
+    return m, {"params": params, "batch_stats": stats}, x
+
+
+def test_torchvision_eval_matches_googlenet_pytorch(tv):
+    m, variables, x = tv
+    model = G.GoogLeNet(variant="torchvision_bn", num_classes=10, transform_input=True)
+    logits, inter = jax.jit(lambda v, x: model.apply(v, x, stop="logits"))(variables, x)
+    m.eval()
+    with torch.no_grad():
+        xt = torch.from_numpy(x).permute(0, 3, 1, 2)
+        ref_logits = m(xt).numpy()
+        ref_feat = m.extract_features(m._transform_input(xt)).mean((2, 3)).numpy()
+    fs, ls = np.abs(ref_feat).max(), np.abs(ref_logits).max()
+    chex.assert_trees_all_close(np.asarray(inter["pool5"]) / fs, ref_feat / fs, atol=1e-4, rtol=0)
+    chex.assert_trees_all_close(np.asarray(logits) / ls, ref_logits / ls, atol=1e-4, rtol=0)
+
+
+def test_torchvision_train_mode_batch_stats_match_torch(tv):
+    m, variables, x = tv
+    model = G.GoogLeNet(variant="torchvision_bn", transform_input=True)
+    x = x[:, :96, :96]
+    (feat, _), new = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
+        variables, x)
+    m.train()
+    with torch.no_grad():
+        xt = m._transform_input(torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2))
+        ref = m.extract_features(xt).mean((2, 3)).numpy()
+    s = np.abs(ref).max()
+    chex.assert_trees_all_close(np.asarray(feat) / s, ref / s, atol=1e-4, rtol=0)
+    sd = m.state_dict()  # running stats after one torch train forward (momentum 0.1, unbiased var)
+    for name in ("conv1_bn", "inception3a_branch3_0_bn", "inception5b_branch4_1_bn"):
+        key = name[:-3].replace("_", ".") + ".bn."
+        chex.assert_trees_all_close(
+            {k: np.asarray(v) for k, v in new["batch_stats"][name].items()},
+            {"mean": sd[key + "running_mean"].numpy(), "var": sd[key + "running_var"].numpy()},
+            atol=1e-4, rtol=1e-4)
+
+
+def test_torchvision_keys_and_errors(tmp_path):
+    m = torch_model(num_classes=7, aux=True)  # aux1/aux2 keys must be ignored
+    sd = m.state_dict()
+    params, stats = W.torchvision_params_from_state_dict(sd)
+    assert not any(k.startswith("aux") for k in params)
+    assert len(params) == 57 * 2 + 1 and len(stats) == 57
+    np.testing.assert_array_equal(params["fc"]["kernel"], sd["fc.weight"].numpy().T)
+    np.testing.assert_array_equal(params["inception4e_branch3_1_conv"]["kernel"],
+                                  sd["inception4e.branch3.1.conv.weight"].numpy().transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(params["conv2_bn"]["scale"], sd["conv2.bn.weight"].numpy())
+    np.testing.assert_array_equal(stats["conv2_bn"]["var"], sd["conv2.bn.running_var"].numpy())
+    torch.save(sd, tmp_path / "g.pth")
+    p2, _ = W.torchvision_params_from_state_dict(str(tmp_path / "g.pth"))
+    np.testing.assert_array_equal(p2["conv1_conv"]["kernel"], params["conv1_conv"]["kernel"])
+    assert convert_weights.main(["--torch_state_dict", str(tmp_path / "g.pth"),
+                                 "--variant", "torchvision_bn", "--out", str(tmp_path / "o")]) == 0
+    v, variant = W.load_converted(tmp_path / "o" / "googlenet_torchvision_bn.npz")
+    assert variant == "torchvision_bn"
+    np.testing.assert_array_equal(v["batch_stats"]["conv1_bn"]["mean"], stats["conv1_bn"]["mean"])
+    bad = dict(sd)
+    del bad["conv3.bn.running_mean"]
+    bad["foo.weight"] = torch.zeros(3)
+    bad["conv2.conv.weight"] = torch.zeros(64, 64, 3, 3)
+    with pytest.raises(ValueError) as e:
+        W.torchvision_params_from_state_dict(bad)
+    msg = str(e.value)
+    assert "missing key conv3.bn.running_mean" in msg and "unexpected key foo.weight" in msg
+    assert "conv2.conv.weight: shape (64, 64, 3, 3)" in msg
+    with pytest.raises(TypeError, match="state_dict must be a mapping"):
+        W.torchvision_params_from_state_dict([1, 2])
+
+
+# ------------------------------------------------------------ replication --
+def test_replicate_into_branches_gives_independent_copies():
+    rng = np.random.default_rng(0)
+    small = lambda: {"conv1_7x7_s2": {"kernel": jnp.zeros((3, 3, 3, 4)), "bias": jnp.zeros(4)}}
+    deml = {f"branch_{i}": {"trunk": small(), "cam_0": {"kernel": jnp.full((4, 2), i)}}
+            for i in range(3)}
+    deml["embed_extra"] = jnp.arange(3.0)
+    src = {"conv1_7x7_s2": {"kernel": rng.normal(size=(3, 3, 3, 4)).astype(np.float32),
+                            "bias": rng.normal(size=4).astype(np.float32)}}
+    out = W.replicate_into_branches(deml, src)
+    k = [out[f"branch_{i}"]["trunk"]["conv1_7x7_s2"]["kernel"] for i in range(3)]
+    for ki in k:
+        np.testing.assert_array_equal(np.asarray(ki), src["conv1_7x7_s2"]["kernel"])
+        assert ki.dtype == jnp.float32
+    assert len({ki.unsafe_buffer_pointer() for ki in k}) == 3  # distinct buffers
+    assert out["branch_1"]["cam_0"] is deml["branch_1"]["cam_0"] and out["embed_extra"] is deml["embed_extra"]
+    assert not np.asarray(deml["branch_0"]["trunk"]["conv1_7x7_s2"]["kernel"]).any()  # input intact
+    src["conv1_7x7_s2"]["kernel"][...] = 7.0  # mutating the source changes no branch
+    assert float(k[0][0, 0, 0, 0]) != 7.0
+    # A donated update of branch 0 only leaves the other branches as they were.
+    step = jax.jit(lambda p: {**p, "branch_0": jax.tree.map(lambda a: a + 1.0, p["branch_0"])},
+                   donate_argnums=0)
+    before = np.asarray(k[1]).copy()
+    new = step(out)
+    np.testing.assert_array_equal(np.asarray(new["branch_1"]["trunk"]["conv1_7x7_s2"]["kernel"]), before)
+    np.testing.assert_array_equal(np.asarray(new["branch_0"]["trunk"]["conv1_7x7_s2"]["kernel"]),
+                                  before + 1.0)
+
+
+def test_replicate_errors_and_partial():
+    deml = {f"branch_{i}": {"trunk": {"a": {"kernel": jnp.zeros((2, 2))}}} for i in range(3)}
+    part = W.replicate_into_branches(deml, {"a": {"kernel": np.ones((2, 2), np.float32)}}, num_branches=2)
+    assert float(part["branch_1"]["trunk"]["a"]["kernel"].sum()) == 4.0
+    assert part["branch_2"] is deml["branch_2"]
+    with pytest.raises(ValueError, match="shape"):
+        W.replicate_into_branches(deml, {"a": {"kernel": np.ones((3, 2), np.float32)}})
+    with pytest.raises(ValueError, match="missing a/kernel"):
+        W.replicate_into_branches(deml, {"a": {"bias": np.ones(2, np.float32)}})
+    with pytest.raises(ValueError, match="num_branches"):
+        W.replicate_into_branches(deml, {"a": {"kernel": np.ones((2, 2))}}, num_branches=4)
+    with pytest.raises(ValueError, match="branch_"):
+        W.replicate_into_branches({"trunk": {}}, {})
