@@ -197,3 +197,18 @@ def test_default_saves_whenever_asked_for_a_newer_step(tmp_path):
         assert not ckpt.save(2, {"x": np.float32(2)})  # older than the latest
         assert ckpt.save(5, {"x": np.float32(5)})
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "5"]
+
+
+def test_restore_onto_the_abstract_sharding(tmp_path):
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    x = np.arange(len(jax.devices()) * 3, dtype=np.float32).reshape(-1, 3)
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, {"x": jax.device_put(x, sharded), "y": np.float32(2.5)})
+        abstract = {"x": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharded),
+                    "y": jax.ShapeDtypeStruct((), np.float32)}
+        got, _ = ckpt.restore_or_none(abstract)
+    assert got["x"].sharding == sharded
+    assert got["y"].sharding == jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    np.testing.assert_array_equal(np.asarray(got["x"]), x)
+    assert float(got["y"]) == 2.5

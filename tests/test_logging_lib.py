@@ -184,3 +184,17 @@ def test_log_and_format_table():
     table = logging_lib.format_table({"recall@1": 0.6471, "n": 5924}, title="test")
     assert table.splitlines() == ["test", "name     | value", "---------+-------",
                                   "recall@1 | 0.6471", "n        | 5924"]
+
+
+def test_without_tensorboardx_jsonl_only_and_one_warning(tmp_path, monkeypatch,
+                                                          caplog):
+    import sys
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # import fails
+    monkeypatch.setattr(logging_lib, "_warned_no_tensorboard", False)
+    with caplog.at_level("WARNING"):
+        for sub in ("a", "b"):
+            with logging_lib.MetricWriter(tmp_path / sub) as w:
+                w.write_scalars(1, {"loss": 2.0})
+    assert sum("tensorboardX" in r.message for r in caplog.records) == 1
+    assert logging_lib.read_metrics(tmp_path / "b") == [{"step": 1, "loss": 2.0}]
+    assert not (tmp_path / "a" / "tb").exists()
