@@ -96,6 +96,11 @@ def _iterate(ds: grain.MapDataset, num_threads: int, prefetch: int,
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                             prefetch_buffer_size=prefetch))
   if num_workers > 0:
+    # grain's worker processes read absl flags; a program that does not use
+    # absl.app (tests, notebooks) has never parsed them: use the defaults.
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return iter(it)
 
