@@ -149,3 +149,16 @@ def test_labels_length_mismatch(prepared):
     pipeline.train_batches(src, np.arange(8) % 4, s, start_step=0,
                            process_index=0, process_count=1, transform=raw,
                            seed=0)
+
+
+def test_worker_processes_give_the_same_batches(prepared):
+  src = sources(prepared, 'train')
+  labels = pipeline.labels_of(src)
+  s = PKSampler(labels, classes_per_batch=2, images_per_class=2,
+                num_devices=2, seed=3)
+  tf = functools.partial(transforms.caffe_train, crop=15)
+  runs = [list(pipeline.train_batches(
+      src, labels, s, start_step=2, process_index=0, process_count=1,
+      transform=tf, seed=0, num_steps=3, num_workers=w)) for w in (0, 2)]
+  for a, b in zip(*runs):
+    np.testing.assert_array_equal(a['image'], b['image'])
