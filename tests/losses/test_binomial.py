@@ -104,7 +104,8 @@ def test_mean_cosines_match_loop():
 @pytest.mark.parametrize("cfg", [DEML, U512], ids=["cost_neg35", "cost_neg25"])
 def test_gradient_equals_caffe_backward(cfg):
     y, labels = _batch(11)
-    grad = jax.grad(lambda v: binomial_deviance(v, jnp.asarray(labels), **cfg)[0])(jnp.asarray(y))
+    f = jax.jit(jax.grad(lambda v: binomial_deviance(v, jnp.asarray(labels), **cfg)[0]))
+    grad = f(jnp.asarray(y))
     ref = ref_grad_caffe(y, labels, cfg["alpha"], cfg["beta"], cfg["cost_pos"], cfg["cost_neg"])
     chex.assert_trees_all_close(np.asarray(grad), ref, rtol=1e-4, atol=1e-6)
 
@@ -112,7 +113,7 @@ def test_gradient_equals_caffe_backward(cfg):
 def test_check_grads_float64():
     y, labels = _batch(5, b=6, d=4, n_classes=3)
     with jax.enable_x64(True):
-        f = lambda v: binomial_deviance(v, jnp.asarray(labels), **DEML)[0]
+        f = jax.jit(lambda v: binomial_deviance(v, jnp.asarray(labels), **DEML)[0])
         jax.test_util.check_grads(f, (jnp.asarray(y, jnp.float64),), order=1,
                                   modes=["rev"], eps=1e-6)
 
@@ -129,8 +130,9 @@ def test_permutation_invariance():
 def test_missing_pair_type_is_finite(labels):
     labels = labels.astype(np.int32)
     y, _ = _batch(2, b=8)
-    f = lambda v: binomial_deviance(v, jnp.asarray(labels), **DEML)
-    (loss, aux), grad = jax.value_and_grad(f, has_aux=True)(jnp.asarray(y))
+    f = jax.jit(jax.value_and_grad(
+        lambda v: binomial_deviance(v, jnp.asarray(labels), **DEML), has_aux=True))
+    (loss, aux), grad = f(jnp.asarray(y))
     ref = ref_binomial(y, labels, **DEML)
     missing = "binomial_pos" if labels[1] != labels[0] else "binomial_neg"
     assert float(aux[missing]) == 0.0
@@ -144,11 +146,10 @@ def test_mask_equals_dropping_rows():
     y, labels = _batch(9, b=12)
     keep = np.ones(12, bool)
     keep[[3, 7, 11]] = False
-    f = lambda v, lab, msk: binomial_deviance(v, lab, mask=msk, **DEML)
-    (l_mask, aux_mask), g_mask = jax.value_and_grad(f, has_aux=True)(
-        jnp.asarray(y), jnp.asarray(labels), jnp.asarray(keep))
-    (l_drop, aux_drop), g_drop = jax.value_and_grad(f, has_aux=True)(
-        jnp.asarray(y[:, keep]), jnp.asarray(labels[keep]), None)
+    f = jax.jit(jax.value_and_grad(
+        lambda v, lab, msk: binomial_deviance(v, lab, mask=msk, **DEML), has_aux=True))
+    (l_mask, aux_mask), g_mask = f(jnp.asarray(y), jnp.asarray(labels), jnp.asarray(keep))
+    (l_drop, aux_drop), g_drop = f(jnp.asarray(y[:, keep]), jnp.asarray(labels[keep]), None)
     chex.assert_trees_all_close((l_mask, aux_mask), (l_drop, aux_drop), rtol=1e-5, atol=1e-7)
     chex.assert_trees_all_close(g_mask[:, keep], g_drop, rtol=1e-5, atol=1e-8)
     chex.assert_trees_all_equal(g_mask[:, ~keep], jnp.zeros_like(g_mask[:, ~keep]))
