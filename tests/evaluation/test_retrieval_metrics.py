@@ -74,7 +74,7 @@ def test_inshop_like_query_gallery_hand_case():
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
 @pytest.mark.parametrize("self_mode", [True, False])
 def test_matches_brute_force_on_tied_random_data(rng, refs, metric, self_mode):
-    x = refs.tie_heavy(rng, 90, dim=6, nnz=3)
+    x = refs.tie_heavy(rng, 90, dim=6, nnz=4)
     lab = rng.integers(0, 12, 90)
     lab[0] = 99  # a singleton class: excluded in self mode
     if self_mode:
