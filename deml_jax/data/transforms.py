@@ -20,6 +20,7 @@ happen with the 256 x 256 images of §2.1).
 from __future__ import annotations
 
 import collections
+import logging
 import math
 
 import cv2
@@ -54,6 +55,9 @@ def ensure_min_size(image: np.ndarray, size: int) -> np.ndarray:
   if min(h, w) >= size:
     return image
   SMALL_IMAGE_COUNT['enlarged'] += 1
+  if SMALL_IMAGE_COUNT['enlarged'] == 1:
+    logging.warning('image %dx%d smaller than %d: enlarged (counted in '
+                    'transforms.SMALL_IMAGE_COUNT)', h, w, size)
   s = size / min(h, w)
   nh, nw = max(size, math.ceil(h * s)), max(size, math.ceil(w * s))
   return cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)

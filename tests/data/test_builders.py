@@ -220,3 +220,21 @@ def test_unknown_dataset_and_option(tmp_path):
     builders.make_builder('cub', str(tmp_path))
   with pytest.raises(TypeError, match='colour'):
     builders.make_builder('cub200', str(tmp_path), colour=1)
+
+
+def test_image_folder_root_from_manual_dir(folder_dir, tmp_path):
+  b = build('image_folder', folder_dir, tmp_path, train_classes=['dog', 'bee'])
+  assert labels(b, 'train') == [1, 1, 1, 3, 3, 3]
+
+
+def test_prepare_cli(folder_dir, tmp_path, capsys):
+  from deml_jax.data import prepare
+  assert prepare.main(['--dataset', 'image_folder', '--root', str(folder_dir),
+                       '--data_dir', str(tmp_path / 'tfds'),
+                       '--train_classes', 'ant,bee,cat', '--val_classes', '1',
+                       '--resize_pad', '16']) == 0
+  out = capsys.readouterr().out
+  assert 'train: 6 images' in out and 'val: 3 images' in out
+  assert 'test: 3 images' in out and 'skipped: 0' in out
+  final = tmp_path / 'tfds' / 'deml_image_folder' / 'val1_pad16' / '1.0.0'
+  np.testing.assert_array_equal(np.load(final / 'labels_val.npy'), [2, 2, 2])

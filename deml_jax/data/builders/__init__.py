@@ -86,6 +86,8 @@ def prepare(name: str, manual_dir: str | None, data_dir: str,
   paths (only non-empty with allow_skip_unreadable=True), also written to
   `unreadable.txt` beside the data.
   """
+  if name == 'image_folder' and manual_dir and not options.get('root'):
+    options['root'] = manual_dir     # the class folders may be given either way
   builder = make_builder(name, data_dir, **options)
   if builder.NEEDS_MANUAL_DIR and (not manual_dir or
                                    not os.path.isdir(manual_dir)):
