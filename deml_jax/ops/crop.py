@@ -134,7 +134,7 @@ def connected_components(fg, max_sweeps: int = MAX_CC_SWEEPS):
     for the blob-shaped regions of upsampled 7x7 maps.
     """
     b, s, _ = fg.shape
-    background = jnp.int32(s * s)
+    background = np.int32(s * s)  # a NumPy scalar: reduce_window needs a concrete init value
     index = jnp.arange(s * s, dtype=jnp.int32).reshape(1, s, s)
     labels = jnp.where(fg, index, background)
 
@@ -231,24 +231,27 @@ def _interp_matrix(start, length, out_size: int, size: int, clamp_weights: bool)
     """Bilinear resampling matrix ``[B, out_size, size]`` of the span ``[start, start+length)``.
 
     OpenCV ``INTER_LINEAR`` on ``img[start:start+length]``: source coordinate
-    ``(i + 0.5) * length / out - 0.5`` (written as one exact-numerator division),
-    taps clipped to the span; horizontally OpenCV also zeroes the fraction at
-    the borders (``clamp_weights``), vertically it only clips the rows.
+    ``(i + 0.5) * length / out - 0.5 = num / den`` with integers
+    ``num = (2i + 1) length - out``, ``den = 2 out``.  Its integer part and
+    remainder are exact; the fraction is then rounded once to float32, which is
+    what cv2 5's float resize gives (it computes the fraction in double).  Taps
+    are clipped to the span; horizontally OpenCV also zeroes the fraction at the
+    borders (``clamp_weights``), vertically it only clips the rows.
     """
     start = start.astype(jnp.int32)[:, None]
     length = jnp.maximum(length.astype(jnp.int32), 1)[:, None]
     i = jnp.arange(out_size, dtype=jnp.int32)[None, :]
-    coord = ((2 * i + 1) * length - out_size).astype(jnp.float32) / jnp.float32(2 * out_size)
-    base = jnp.floor(coord)
-    frac = coord - base
-    base = base.astype(jnp.int32)
+    num, den = (2 * i + 1) * length - out_size, 2 * out_size
+    base = jnp.floor_divide(num, den)
+    rem = num - base * den  # in [0, den)
     if clamp_weights:
-        frac = jnp.where((base < 0) | (base >= length - 1), 0.0, frac)
+        rem = jnp.where((base < 0) | (base >= length - 1), 0, rem)
+    frac = rem.astype(jnp.float32) / den
+    comp = (den - rem).astype(jnp.float32) / den  # 1 - frac, rounded once
     i0 = start + jnp.clip(base, 0, length - 1)
     i1 = start + jnp.clip(base + 1, 0, length - 1)
     grid = jnp.arange(size, dtype=jnp.int32)[None, None, :]
-    return ((1.0 - frac)[..., None] * (grid == i0[..., None])
-            + frac[..., None] * (grid == i1[..., None]))
+    return comp[..., None] * (grid == i0[..., None]) + frac[..., None] * (grid == i1[..., None])
 
 
 def crop_and_resize(images, boxes, out_size: int):
