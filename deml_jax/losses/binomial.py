@@ -66,6 +66,15 @@ def _learner_stack(embeddings):
     return y
 
 
+def _pair_sets(labels, valid):
+    """Masks over (i, k) [B, B]: all valid pairs i<k, same-label, positives, negatives."""
+    b = labels.shape[0]
+    upper = jnp.asarray(np.triu(np.ones((b, b), dtype=bool), k=1))
+    pair = upper & valid[:, None] & valid[None, :]
+    same = labels[:, None] == labels[None, :]
+    return pair, same, pair & same, pair & ~same
+
+
 def binomial_deviance(embeddings, labels, *, alpha=ALPHA, beta=BETA,
                       cost_pos=COST_POS, cost_neg=COST_NEG,
                       shrinkage=SHRINKAGE, mask=None):
@@ -91,17 +100,12 @@ def binomial_deviance(embeddings, labels, *, alpha=ALPHA, beta=BETA,
       (negative) pair gets a zero positive (negative) term.
     """
     y = _learner_stack(embeddings)
-    m, b, _ = y.shape
     labels = jnp.asarray(labels)
-    if labels.shape != (b,) or not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise ValueError(f"labels must be int [{b}], got {labels.dtype} {labels.shape}")
-    valid = check_mask(mask, b)
+    if labels.shape != y.shape[1:2] or not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(f"labels must be int [{y.shape[1]}], got {labels.dtype} {labels.shape}")
+    pair, same, pos, neg = _pair_sets(labels, check_mask(mask, y.shape[1]))
     yhat = safe_l2_normalize(y)
     cos = jnp.einsum("mid,mkd->mik", yhat, yhat)               # [M, B, B]
-    upper = jnp.asarray(np.triu(np.ones((b, b), dtype=bool), k=1))
-    pair = upper & valid[:, None] & valid[None, :]
-    same = labels[:, None] == labels[None, :]
-    pos, neg = pair & same, pair & ~same
     n_pos, n_neg = pos.sum().astype(y.dtype), neg.sum().astype(y.dtype)
     gamma = jnp.where(same, -alpha * cost_pos, alpha * cost_neg).astype(y.dtype)
     # Safe divisors: a missing pair type contributes an all-masked (zero) sum.
@@ -109,17 +113,16 @@ def binomial_deviance(embeddings, labels, *, alpha=ALPHA, beta=BETA,
     per_pair = jnp.mean(jax.nn.softplus(gamma * (cos - beta)), axis=0) / w
     loss_pos = jnp.sum(jnp.where(pos, per_pair, 0.0))
     loss_neg = jnp.sum(jnp.where(neg, per_pair, 0.0))
-    # §5.1 reported value: s = 0.5 + shrinkage * sum_m (-g)(cos - beta).
+    # §5.1 reported value: s = 0.5 + shrinkage * sum_m (-g)(cos - beta),
+    # printed as sum_{i<k} softplus(-s) / w (not the optimised function).
     s = 0.5 + shrinkage * jnp.sum(-gamma * (cos - beta), axis=0)
     display = jnp.sum(jnp.where(pair, jax.nn.softplus(-s) / w, 0.0))
     mean_cos = jnp.mean(cos, axis=0)
     aux = {
         "binomial_pos": loss_pos, "binomial_neg": loss_neg,
         "n_pos": n_pos, "n_neg": n_neg,
-        "binomial_display": jax.lax.stop_gradient(display),
-        "mean_pos_cos": jax.lax.stop_gradient(
-            jnp.sum(jnp.where(pos, mean_cos, 0.0)) / jnp.maximum(n_pos, 1.0)),
-        "mean_neg_cos": jax.lax.stop_gradient(
-            jnp.sum(jnp.where(neg, mean_cos, 0.0)) / jnp.maximum(n_neg, 1.0)),
+        "binomial_display": display,
+        "mean_pos_cos": jnp.sum(jnp.where(pos, mean_cos, 0.0)) / jnp.maximum(n_pos, 1.0),
+        "mean_neg_cos": jnp.sum(jnp.where(neg, mean_cos, 0.0)) / jnp.maximum(n_neg, 1.0),
     }
-    return loss_pos + loss_neg, aux
+    return loss_pos + loss_neg, jax.tree_util.tree_map(jax.lax.stop_gradient, aux)
