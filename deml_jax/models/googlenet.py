@@ -160,8 +160,9 @@ def max_pool_ceil(x: jax.Array, k: int, s: int, p: int = 0) -> jax.Array:
     _, h, w, _ = x.shape
     _, hl, hh = ceil_pool_padding(h, k, s, p)
     _, wl, wh = ceil_pool_padding(w, k, s, p)
-    init = jnp.array(-jnp.inf, x.dtype)
-    return lax.reduce_window(x, init, lax.max, (1, k, k, 1), (1, s, s, 1),
+    # A Python-scalar init lets JAX lower this to reduce_window_max, which has a
+    # gradient; an array init makes a generic reduce_window (not differentiable).
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1, k, k, 1), (1, s, s, 1),
                              ((0, 0), (hl, hh), (wl, wh), (0, 0)))
 
 
@@ -253,6 +254,7 @@ class GoogLeNet(nn.Module):
     dtype: Any = jnp.float32
     transform_input: bool = False
     dropout_rate: float = DROPOUT_RATE
+    fuse_1x1: bool = True  # run an inception's three 1x1 convs as one (exact; speed)
 
     def stage_names(self) -> tuple[str, ...]:
         """Stages valid for this configuration, in execution order."""
@@ -342,7 +344,11 @@ class GoogLeNet(nn.Module):
         """[1x1, 3x3, 5x5, pool_proj] concatenated on channels (§3.2)."""
         c1, c3r, c3, c5r, c5, pp = INCEPTION_CFG[tag]
         n1, n3r, n3, n5r, n5, npp = _inception_unit_names(self.variant, tag)
-        b1, r3, r5 = self._units(x, [(n1, c1), (n3r, c3r), (n5r, c5r)], 1, 1, 0, train)
+        heads = [(n1, c1), (n3r, c3r), (n5r, c5r)]
+        if self.fuse_1x1:
+            b1, r3, r5 = self._units(x, heads, 1, 1, 0, train)
+        else:
+            b1, r3, r5 = (self._units(x, [h], 1, 1, 0, train)[0] for h in heads)
         b3 = self._units(r3, [(n3, c3)], 3, 1, 1, train)[0]
         k5 = 5 if self.variant == "bvlc" else 3
         b5 = self._units(r5, [(n5, c5)], k5, 1, k5 // 2, train)[0]
