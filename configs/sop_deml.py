@@ -1,0 +1,17 @@
+"""Stanford Online Products (11,318 train / 11,316 test classes, 59,551 / 60,502 images): DeML(3,3), 56-d learners, hinge diversity: the released recipe (§0, §5, §6).
+
+Command:  python -m deml_jax.main --config configs/sop_deml.py --workdir runs/sop_deml
+Smoke:    python -m deml_jax.main --config configs/sop_deml.py:runlocal --workdir runs/sop_deml_smoke
+Hardware: 2 GPUs with > 11 GB each, 2 x (13 classes x 2 images) (§6).
+Needs:    the prepared dataset (README "Bring a dataset") and BVLC GoogLeNet weights
+          converted with `python -m deml_jax.tools.convert_weights` set as
+          --config.model.pretrained=PATH (training from scratch will not get there).
+Expected: no published figure (§14.3: the CUB recipe with this dataset's split and Recall@K set).
+Measured: not yet run with deml_jax (no dataset or GPU on the development machines).
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+    return common.make_config("sop", "deml", arg)
