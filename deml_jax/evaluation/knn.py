@@ -132,19 +132,23 @@ def _chunk_neighbours(qc, g, g_sq, g_lab, g_ids, g_valid, *, metric, k, self_mod
     vals, ids, lab = _local_top_k(s, g_lab, g_ids, k)
     positive = allowed & (q_lab[:, None] == g_lab[None, :])
     num_rel = jnp.sum(positive, axis=1, dtype=jnp.int32)
-    best = jnp.max(jnp.where(positive, s, -jnp.inf), axis=1)
+    # The nearest relevant item in one pass: argmax returns the first (lowest
+    # index) of equal maxima, i.e. the tie rule.
+    pos_s = jnp.where(positive, s, -jnp.inf)
+    arg = jnp.argmax(pos_s, axis=1)
+    best = jnp.take_along_axis(pos_s, arg[:, None], axis=1)[:, 0]
+    big = jnp.iinfo(jnp.int32).max
+    best_id = jnp.where(jnp.isneginf(best), big, g_ids[arg])
     if axis_name is not None:
         vals, ids, lab = (lax.all_gather(a, axis_name, axis=1, tiled=True) for a in (vals, ids, lab))
-        num_rel, best = lax.psum(num_rel, axis_name), lax.pmax(best, axis_name)
+        num_rel = lax.psum(num_rel, axis_name)
+        global_best = lax.pmax(best, axis_name)
+        best_id = lax.pmin(jnp.where(best == global_best, best_id, big), axis_name)
+        best = global_best
     vals, ids, lab = _merge_top_k(vals, ids, lab, k)
-    big = jnp.iinfo(jnp.int32).max
-    at_best = positive & (s == best[:, None])
-    best_id = jnp.min(jnp.where(at_best, g_ids[None, :], big), axis=1)
-    if axis_name is not None:
-        best_id = lax.pmin(best_id, axis_name)
-    # Items ranked before the first relevant one under the tie rule.
-    ahead = allowed & ((s > best[:, None])
-                       | ((s == best[:, None]) & (g_ids[None, :] < best_id[:, None])))
+    # Items ranked before the first relevant one under the tie rule
+    # (ineligible items are -inf: never ahead of a finite best).
+    ahead = (s > best[:, None]) | ((s == best[:, None]) & (g_ids[None, :] < best_id[:, None]))
     before = jnp.sum(ahead, axis=1, dtype=jnp.int32)
     if axis_name is not None:
         before = lax.psum(before, axis_name)
