@@ -36,6 +36,16 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 # ----------------------------------------------------------------------------- steps 5-7
 
+def exact_divisor(divisor, shape):
+    """Broadcast ``divisor`` to ``shape`` behind an optimization barrier.
+
+    XLA rewrites ``x / broadcast(d)`` as ``x * broadcast(1 / d)``, which is not
+    correctly rounded (it changed the uint8 map of 69/300 test maps); the
+    barrier keeps a true IEEE division, as in Caffe's C++.
+    """
+    return jax.lax.optimization_barrier(jnp.broadcast_to(divisor, shape))
+
+
 def quantize_attention(attention):
     """``floor(255 (m - min) / (max - min))`` as int32 ``[B, h, w]`` (§4 step 5).
 
@@ -47,7 +57,7 @@ def quantize_attention(attention):
     lo = jnp.min(m, axis=(1, 2), keepdims=True)
     hi = jnp.max(m, axis=(1, 2), keepdims=True)
     span = jnp.where(hi > lo, hi - lo, 1.0)
-    q = jnp.floor(255.0 * (m - lo) / span)
+    q = jnp.floor(255.0 * (m - lo) / exact_divisor(span, m.shape))
     return jnp.where(hi > lo, jnp.clip(q, 0, 255), 0).astype(jnp.int32)
 
 
@@ -246,8 +256,9 @@ def _interp_matrix(start, length, out_size: int, size: int, clamp_weights: bool)
     rem = num - base * den  # in [0, den)
     if clamp_weights:
         rem = jnp.where((base < 0) | (base >= length - 1), 0, rem)
+    den = exact_divisor(jnp.float32(den), rem.shape)
     frac = rem.astype(jnp.float32) / den
-    comp = (den - rem).astype(jnp.float32) / den  # 1 - frac, rounded once
+    comp = (den - rem.astype(jnp.float32)) / den  # 1 - frac, rounded once (den - rem exact)
     i0 = start + jnp.clip(base, 0, length - 1)
     i1 = start + jnp.clip(base + 1, 0, length - 1)
     grid = jnp.arange(size, dtype=jnp.int32)[None, None, :]

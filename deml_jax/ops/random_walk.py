@@ -77,7 +77,10 @@ def transition_matrix(features, sigma_ratio: float = SIGMA_RATIO):
     eye = jnp.eye(h * w, dtype=jnp.float32)
     weights = weights + isolated[:, None, :] * eye
     degree = jnp.where(isolated, 1.0, degree)
-    return weights / degree[:, None, :], degree
+    # A true division, as Caffe's `D /= tmp`: XLA would otherwise multiply by a
+    # reciprocal of the broadcast divisor (not correctly rounded).
+    divisor = jax.lax.optimization_barrier(jnp.broadcast_to(degree[:, None, :], weights.shape))
+    return weights / divisor, degree
 
 
 def random_walk_attention(features, num_steps: int = NUM_STEPS,
