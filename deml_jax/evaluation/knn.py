@@ -150,7 +150,8 @@ def _rank_chunk(s, q_lab, q_ids, g_lab, g_ids, g_valid, *, k, self_mode, axis_na
     big = jnp.iinfo(jnp.int32).max
     best_id = jnp.where(jnp.isneginf(best), big, g_ids[arg])
     if axis_name is not None:
-        vals, ids, lab = (lax.all_gather(a, axis_name, axis=1, tiled=True) for a in (vals, ids, lab))
+        vals, ids, lab = (lax.all_gather(a, axis_name, axis=1, tiled=True)
+                          for a in (vals, ids, lab))
         num_rel = lax.psum(num_rel, axis_name)
         global_best = lax.pmax(best, axis_name)
         best_id = lax.pmin(jnp.where(best == global_best, best_id, big), axis_name)
@@ -212,6 +213,8 @@ def _search_host_matmul(q, q_lab, q_ids, g, g_sq, g_lab, g_ids, g_valid, *, metr
             s *= 2.0
             s -= g_sq[None, :]
         outs.append(_rank_chunk_jit(s, q_lab[sl], q_ids[sl], *gal, k=k, self_mode=self_mode))
+        if len(outs) >= 2:  # at most two chunks in flight: memory stays O(chunk x N)
+            jax.block_until_ready(outs[-2])
     return tuple(np.concatenate([np.asarray(o[i]) for o in outs]) for i in range(5))
 
 

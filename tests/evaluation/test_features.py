@@ -55,7 +55,8 @@ def test_cli_self_mode_matches_brute_force(tmp_path, rng, refs):
 def test_cli_query_gallery_subprocess(tmp_path):
     # The In-Shop-like hand case of test_retrieval_metrics.py, via `python -m`.
     gal = F.save_features(str(tmp_path / "g.npz"),
-                          np.array([[0.0], [1], [2], [10], [11], [20]]), np.array([0, 1, 0, 2, 2, 1]))
+                          np.array([[0.0], [1], [2], [10], [11], [20]]),
+                          np.array([0, 1, 0, 2, 2, 1]))
     qry = F.save_features(str(tmp_path / "q.npz"), np.array([[0.4], [10.6], [14.6], [5.0]]),
                           np.array([0, 2, 1, 3]))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
