@@ -111,23 +111,32 @@ def foreground_mask(upsampled):
 
 # ----------------------------------------------------------------------------- step 8
 
-def _row_run_min(labels, fg):
-    """Smallest label of every horizontal run of foreground pixels, ``[B, S, S]``."""
-    b, s, _ = labels.shape
-    left = jnp.pad(fg[:, :, :-1], ((0, 0), (0, 0), (1, 0)))
-    starts = (fg & ~left).reshape(-1)
-    run = jnp.cumsum(starts.astype(jnp.int32)) - 1  # runs never span rows: col 0 starts one
-    run = jnp.where(fg.reshape(-1), run, b * s * s)  # background: out of range, dropped
-    mins = jax.ops.segment_min(labels.reshape(-1), run, num_segments=b * s * s)
-    spread = mins[jnp.minimum(run, b * s * s - 1)].reshape(b, s, s)
-    return jnp.where(fg, spread, labels)
+def _segmented_cummin(values, resets, axis):
+    """Running minimum along ``axis`` that restarts wherever ``resets`` is True."""
+    def combine(a, b):
+        (va, ra), (vb, rb) = a, b
+        return jnp.where(rb, vb, jnp.minimum(va, vb)), ra | rb
+    return jax.lax.associative_scan(combine, (values, resets), axis=axis)[0]
+
+
+def _run_min(labels, fg, axis):
+    """Smallest label of every run of foreground pixels along ``axis`` (1 or 2).
+
+    Forward and backward segmented running minima (log-depth scans, no scatter).
+    """
+    def forward(lab, mask):
+        prev = jnp.roll(mask, 1, axis=axis)
+        first = jnp.arange(mask.shape[axis]).reshape((-1, 1) if axis == 1 else (1, -1)) == 0
+        return _segmented_cummin(lab, ~mask | ~prev | first, axis)
+    flip = lambda x: jnp.flip(x, axis=axis)
+    backward = flip(forward(flip(labels), flip(fg)))
+    return jnp.where(fg, jnp.minimum(forward(labels, fg), backward), labels)
 
 
 def _propagate_once(labels, fg, background):
     """One sweep: row runs, column runs, 3x3 (8-connectivity) min, pointer jump."""
     b, s, _ = labels.shape
-    labels = _row_run_min(labels, fg)
-    labels = jnp.swapaxes(_row_run_min(jnp.swapaxes(labels, 1, 2), jnp.swapaxes(fg, 1, 2)), 1, 2)
+    labels = _run_min(_run_min(labels, fg, 2), fg, 1)
     window = jax.lax.reduce_window(labels, background, jax.lax.min, (1, 3, 3), (1, 1, 1), "SAME")
     labels = jnp.where(fg, window, background)
     flat = labels.reshape(b, s * s)  # a label is a pixel index of the same component
@@ -237,16 +246,17 @@ def attention_boxes(attention, image_size: int, *, largest_component: bool = Tru
 
 # ----------------------------------------------------------------------------- step 10
 
-def _interp_matrix(start, length, out_size: int, size: int, clamp_weights: bool):
-    """Bilinear resampling matrix ``[B, out_size, size]`` of the span ``[start, start+length)``.
+def _interp_taps(start, length, out_size: int, clamp_weights: bool):
+    """OpenCV ``INTER_LINEAR`` taps of ``img[start:start+length]`` resized to ``out_size``.
 
-    OpenCV ``INTER_LINEAR`` on ``img[start:start+length]``: source coordinate
+    Returns ``(i0, i1, w0, w1)``, each ``[B, out_size]`` (int32 indices into the
+    full image, float32 weights).  Source coordinate
     ``(i + 0.5) * length / out - 0.5 = num / den`` with integers
-    ``num = (2i + 1) length - out``, ``den = 2 out``.  Its integer part and
-    remainder are exact; the fraction is then rounded once to float32, which is
-    what cv2 5's float resize gives (it computes the fraction in double).  Taps
-    are clipped to the span; horizontally OpenCV also zeroes the fraction at the
-    borders (``clamp_weights``), vertically it only clips the rows.
+    ``num = (2i + 1) length - out``, ``den = 2 out``: its integer part and
+    remainder are exact and the fraction is rounded once to float32, as cv2 5's
+    float resize does (it computes the fraction in double).  Taps are clipped to
+    the span; horizontally OpenCV also zeroes the fraction at the borders
+    (``clamp_weights``), vertically it only clips the rows.
     """
     start = start.astype(jnp.int32)[:, None]
     length = jnp.maximum(length.astype(jnp.int32), 1)[:, None]
@@ -261,24 +271,46 @@ def _interp_matrix(start, length, out_size: int, size: int, clamp_weights: bool)
     comp = (den - rem.astype(jnp.float32)) / den  # 1 - frac, rounded once (den - rem exact)
     i0 = start + jnp.clip(base, 0, length - 1)
     i1 = start + jnp.clip(base + 1, 0, length - 1)
+    return i0, i1, comp, frac
+
+
+def _taps_matrix(taps, size: int):
+    """Dense ``[B, out, size]`` interpolation matrix of ``_interp_taps`` output."""
+    i0, i1, w0, w1 = taps
     grid = jnp.arange(size, dtype=jnp.int32)[None, None, :]
-    return comp[..., None] * (grid == i0[..., None]) + frac[..., None] * (grid == i1[..., None])
+    return w0[..., None] * (grid == i0[..., None]) + w1[..., None] * (grid == i1[..., None])
 
 
-def crop_and_resize(images, boxes, out_size: int):
+def _resize_axis_gather(x, taps, axis: int):
+    """Linear interpolation of ``x [B, ...]`` along ``axis`` by gathering two taps."""
+    i0, i1, w0, w1 = taps
+    shape = [x.shape[0]] + [1] * (x.ndim - 1)
+    shape[axis] = i0.shape[1]
+    pick = lambda idx: jnp.take_along_axis(x, idx.reshape(shape), axis=axis)
+    return w0.reshape(shape) * pick(i0) + w1.reshape(shape) * pick(i1)
+
+
+CROP_IMPLS = ("auto", "matmul", "gather")
+
+
+def crop_and_resize(images, boxes, out_size: int, *, impl: str = "auto"):
     """Crop each box and resize it to ``out_size x out_size`` (§4 step 10), on device.
 
     Matches ``cv2.resize(img[y0:y1, x0:x1], (out, out), INTER_LINEAR)`` on float
     images (half-pixel centres, clamped to the box, anisotropic when the clipped
-    box is not square).  Separable: two batched matmuls with ``[B, out, S]``
-    interpolation matrices (GEMM/MXU friendly).  Caffe resizes the uint8 image
-    and subtracts the mean afterwards; bilinear weights sum to 1, so resizing the
-    mean-subtracted floats is the same up to Caffe's uint8 rounding (<= 0.5).
+    box is not square; horizontal pass first, like OpenCV).  Caffe resizes the
+    uint8 image and subtracts the mean afterwards; bilinear weights sum to 1, so
+    resizing the mean-subtracted floats is the same up to Caffe's uint8 rounding
+    of the output (<= 0.5 per pixel).
 
     Args:
       images: ``[B, S, S, C]`` float (any float dtype; math in float32).
       boxes: int ``[B, 4]`` ``(y0, x0, y1, x1)``, end-exclusive, non-empty.
       out_size: output side (static).
+      impl: ``'matmul'``: two batched matmuls with ``[B, out, S]`` interpolation
+        matrices (GEMM/MXU friendly, for GPU/TPU); ``'gather'``: two gathers of
+        two taps (far fewer flops, fastest on CPU); ``'auto'``: gather on CPU,
+        matmul elsewhere.  Same result up to float rounding.
     Returns:
       ``[B, out_size, out_size, C]`` float32, under ``stop_gradient``.
     """
@@ -288,13 +320,19 @@ def crop_and_resize(images, boxes, out_size: int):
         raise ValueError(f"boxes must be [{images.shape[0]}, 4], got shape {boxes.shape}")
     if int(out_size) < 1:
         raise ValueError(f"out_size must be >= 1, got {out_size}")
+    if impl not in CROP_IMPLS:
+        raise ValueError(f"impl must be one of {CROP_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = "gather" if jax.default_backend() == "cpu" else "matmul"
     images = jax.lax.stop_gradient(images).astype(jnp.float32)
     boxes = jax.lax.stop_gradient(boxes).astype(jnp.int32)
     _, h, w, _ = images.shape
-    rows = _interp_matrix(boxes[:, 0], boxes[:, 2] - boxes[:, 0], out_size, h, False)
-    cols = _interp_matrix(boxes[:, 1], boxes[:, 3] - boxes[:, 1], out_size, w, True)
-    tmp = jnp.einsum("biy,byxc->bixc", rows, images, precision=_HIGHEST)
-    return jnp.einsum("bjx,bixc->bijc", cols, tmp, precision=_HIGHEST)
+    rows = _interp_taps(boxes[:, 0], boxes[:, 2] - boxes[:, 0], out_size, False)
+    cols = _interp_taps(boxes[:, 1], boxes[:, 3] - boxes[:, 1], out_size, True)
+    if impl == "gather":
+        return _resize_axis_gather(_resize_axis_gather(images, cols, 2), rows, 1)
+    tmp = jnp.einsum("bjx,byxc->byjc", _taps_matrix(cols, w), images, precision=_HIGHEST)
+    return jnp.einsum("biy,byjc->bijc", _taps_matrix(rows, h), tmp, precision=_HIGHEST)
 
 
 # ----------------------------------------------------------------------------- the module

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from deml_jax.ops import proposal_crop_host as host
-from deml_jax.ops.crop import (attention_boxes, crop_and_resize, object_attention_crop,
-                               squarify_box, upsample_like_cv2)
+from deml_jax.ops.crop import (attention_boxes, connected_components, crop_and_resize,
+                               object_attention_crop, squarify_box, upsample_like_cv2)
 from deml_jax.ops.random_walk import random_walk_attention
 
 MEAN = np.array([123.0, 117.0, 104.0], np.float32)
@@ -44,6 +44,31 @@ def test_upsample_is_bit_exact_with_cv2(h, w, size):
     got = np.asarray(upsample_like_cv2(jnp.asarray(maps, jnp.int32), size))
     want = np.stack([cv2.resize(m, (size, size), interpolation=cv2.INTER_LINEAR) for m in maps])
     np.testing.assert_array_equal(got, want)
+
+
+def snake(size):
+    """A one-pixel-wide serpentine path plus isolated diagonal-touching pixels."""
+    img = np.zeros((size, size), bool)
+    img[::4, 1:-1] = True
+    for k, r in enumerate(range(0, size - 4, 4)):
+        img[r:r + 5, size - 2 if k % 2 == 0 else 1] = True
+    img[size - 1, 0] = img[size - 2, 1] = True  # diagonal neighbours only: one more component
+    return img
+
+
+def test_connected_components_match_cv2():
+    rng = np.random.default_rng(5)
+    smooth = [cv2.GaussianBlur(rng.normal(size=(48, 48)), (0, 0), 2.5) for _ in range(5)]
+    masks = np.stack([m > np.quantile(m, 0.6) for m in smooth] + [snake(48)])
+    labels = np.asarray(jax.jit(connected_components)(jnp.asarray(masks)))
+    for mask, ours in zip(masks, labels):
+        count, ref = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+        pairs = set(zip(ref[mask].tolist(), ours[mask].tolist()))
+        # The two labellings are the same partition of the foreground.
+        assert len(pairs) == count - 1 == len({p[0] for p in pairs}) == len({p[1] for p in pairs})
+        assert np.all(ours[~mask] == mask.size)
+    # The snake (needs many propagation steps) and the diagonal pair: 2 components + background.
+    assert cv2.connectedComponents(masks[-1].astype(np.uint8), connectivity=8)[0] == 3
 
 
 # (x, y, w, h, S) -> (y0, x0, y1, x1), worked by hand from §4 step 9.
@@ -140,13 +165,15 @@ def random_boxes(rng, batch, size):
     return np.asarray(boxes, np.int32)
 
 
-@pytest.mark.parametrize("out_size", [24, 64, 150])
-def test_crop_and_resize_matches_cv2_float(out_size):
+@pytest.mark.parametrize("out_size,impl", [(24, "matmul"), (64, "gather"), (150, "matmul"),
+                                           (150, "gather")])
+def test_crop_and_resize_matches_cv2_float(out_size, impl):
     rng = np.random.default_rng(out_size)
     size, batch = 64, 40
     images = rng.uniform(-128, 128, (batch, size, size, 3)).astype(np.float32)
     boxes = random_boxes(rng, batch, size)
-    got = np.asarray(jax.jit(crop_and_resize, static_argnums=2)(images, boxes, out_size))
+    crop = jax.jit(crop_and_resize, static_argnums=2, static_argnames="impl")
+    got = np.asarray(crop(images, boxes, out_size, impl=impl))
     want = np.stack([cv2.resize(img[y0:y1, x0:x1], (out_size, out_size),
                                 interpolation=cv2.INTER_LINEAR)
                      for img, (y0, x0, y1, x1) in zip(images, boxes)])
@@ -230,5 +257,7 @@ def test_bad_arguments_raise(oam_inputs):
         object_attention_crop(images, feats[0])
     with pytest.raises(ValueError, match="attention"):
         attention_boxes(jnp.zeros((7, 7)), 227)
+    with pytest.raises(ValueError, match="impl"):
+        crop_and_resize(images, jnp.zeros((3, 4), jnp.int32), 8, impl="fft")
     with pytest.raises(ValueError, match="boxes"):
         crop_and_resize(images, jnp.zeros((2, 4), jnp.int32), 8)
