@@ -246,7 +246,7 @@ def attention_boxes(attention, image_size: int, *, largest_component: bool = Tru
 
 # ----------------------------------------------------------------------------- step 10
 
-def _interp_taps(start, length, out_size: int, clamp_weights: bool):
+def _interp_taps(start, length, out_size: int, clamp_weights: bool, float_coord: bool = False):
     """OpenCV ``INTER_LINEAR`` taps of ``img[start:start+length]`` resized to ``out_size``.
 
     Returns ``(i0, i1, w0, w1)``, each ``[B, out_size]`` (int32 indices into the
@@ -256,7 +256,9 @@ def _interp_taps(start, length, out_size: int, clamp_weights: bool):
     remainder are exact and the fraction is rounded once to float32, as cv2 5's
     float resize does (it computes the fraction in double).  Taps are clipped to
     the span; horizontally OpenCV also zeroes the fraction at the borders
-    (``clamp_weights``), vertically it only clips the rows.
+    (``clamp_weights``), vertically it only clips the rows.  ``float_coord``:
+    round the coordinate itself to float32 first, then split it (cv2's uint8
+    path, whose 11-bit weights come from ``1.f - fx`` and ``fx``).
     """
     start = start.astype(jnp.int32)[:, None]
     length = jnp.maximum(length.astype(jnp.int32), 1)[:, None]
@@ -266,9 +268,17 @@ def _interp_taps(start, length, out_size: int, clamp_weights: bool):
     rem = num - base * den  # in [0, den)
     if clamp_weights:
         rem = jnp.where((base < 0) | (base >= length - 1), 0, rem)
-    den = exact_divisor(jnp.float32(den), rem.shape)
-    frac = rem.astype(jnp.float32) / den
-    comp = (den - rem.astype(jnp.float32)) / den  # 1 - frac, rounded once (den - rem exact)
+    if float_coord:
+        coord = num.astype(jnp.float32) / exact_divisor(jnp.float32(den), num.shape)
+        base = jnp.floor(coord).astype(jnp.int32)
+        frac = coord - base.astype(jnp.float32)
+        if clamp_weights:
+            frac = jnp.where((base < 0) | (base >= length - 1), 0.0, frac)
+        comp = 1.0 - frac
+    else:
+        den = exact_divisor(jnp.float32(den), rem.shape)
+        frac = rem.astype(jnp.float32) / den
+        comp = (den - rem.astype(jnp.float32)) / den  # 1 - frac, rounded once (den - rem exact)
     i0 = start + jnp.clip(base, 0, length - 1)
     i1 = start + jnp.clip(base + 1, 0, length - 1)
     return i0, i1, comp, frac
@@ -335,9 +345,46 @@ def crop_and_resize(images, boxes, out_size: int, *, impl: str = "auto"):
     return jnp.einsum("biy,byjc->bijc", _taps_matrix(rows, h), tmp, precision=_HIGHEST)
 
 
+def crop_and_resize_uint8(images, boxes, out_size: int, mean_bgr=MEAN_BGR):
+    """Caffe's crop exactly: uint8 rebuild, OpenCV fixed-point resize, minus mean.
+
+    §4 steps 1 and 10: ``pixels = (uchar)(x + mean)`` (truncation; clipped to
+    [0, 255] where C++ is undefined), ``cv::resize(pixels(rect), INTER_LINEAR)``
+    with 11-bit integer weights and OpenCV's vertical uint8 rounding
+    (see :func:`upsample_like_cv2`), then ``float(pixel) - mean``.
+
+    Args:
+      images: ``[B, S, S, C]`` mean-subtracted float images.
+      boxes: int ``[B, 4]`` ``(y0, x0, y1, x1)``, end-exclusive, non-empty.
+      out_size: output side (static).
+      mean_bgr: ``C`` per-channel means.
+    Returns:
+      ``[B, out_size, out_size, C]`` float32 (integers minus the mean).
+    """
+    if images.ndim != 4 or boxes.shape != (images.shape[0], 4):
+        raise ValueError(f"expected images [B, S, S, C] and boxes [B, 4], got "
+                         f"{images.shape} and {boxes.shape}")
+    mean = jnp.asarray(mean_bgr, jnp.float32)
+    images = jax.lax.stop_gradient(images).astype(jnp.float32)
+    boxes = jax.lax.stop_gradient(boxes).astype(jnp.int32)
+    pixels = jnp.clip(jnp.trunc(images + mean), 0, 255).astype(jnp.int32)
+    scale = jnp.float32(RESIZE_COEF_SCALE)
+    fixed = lambda t: (t[0], t[1], jnp.round(t[2] * scale).astype(jnp.int32),
+                       jnp.round(t[3] * scale).astype(jnp.int32))
+    cols = fixed(_interp_taps(boxes[:, 1], boxes[:, 3] - boxes[:, 1], out_size, True, True))
+    i0, i1, w0, w1 = fixed(_interp_taps(boxes[:, 0], boxes[:, 2] - boxes[:, 0], out_size, False,
+                                        True))
+    rows = _resize_axis_gather(pixels, cols, 2)  # [B, S, out, C], scale 2^11
+    pick = lambda idx: jnp.take_along_axis(rows, idx[:, :, None, None], axis=1) >> 4
+    top = (w0[:, :, None, None] * pick(i0)) >> 16
+    bottom = (w1[:, :, None, None] * pick(i1)) >> 16
+    return ((top + bottom + 2) >> 2).astype(jnp.float32) - mean
+
+
 # ----------------------------------------------------------------------------- the module
 
 OAM_METHODS = ("device", "host")
+OAM_PIXELS = ("uint8", "float")
 
 
 def _host_oam(images, features, *, out_size, num_steps, sigma_ratio, mean_bgr, converged):
@@ -361,7 +408,8 @@ def _host_oam(images, features, *, out_size, num_steps, sigma_ratio, mean_bgr, c
 def object_attention_crop(images, features, *, out_size: int = OUT_SIZE,
                           num_steps: int = NUM_STEPS, sigma_ratio: float = SIGMA_RATIO,
                           method: str = "device", mean_bgr=MEAN_BGR,
-                          converged: bool = False, largest_component: bool = True):
+                          converged: bool = False, largest_component: bool = True,
+                          pixels: str = "uint8"):
     """The object-attention module (§4, chained as in §3.5); no gradient flows.
 
     Args:
@@ -373,12 +421,18 @@ def object_attention_crop(images, features, *, out_size: int = OUT_SIZE,
         emulation through ``jax.pure_callback``; the batch size must be static).
       mean_bgr: per-channel means added back to rebuild uint8 pixels (host path).
       largest_component: device path only, see :func:`largest_region_bbox`.
+      pixels: device path only.  ``'uint8'`` (default): Caffe's pixel values
+        exactly (:func:`crop_and_resize_uint8`; the crops then equal the host
+        path's whenever the boxes do); ``'float'``: :func:`crop_and_resize` on the
+        float images (no uint8 rounding).
     Returns:
       dict ``crops`` float32 ``[B, out, out, 3]``, ``attention`` float32
       ``[B, h, w]``, ``boxes`` int32 ``[B, 4]`` ``(y0, x0, y1, x1)``.
     """
     if method not in OAM_METHODS:
         raise ValueError(f"method must be one of {OAM_METHODS}, got {method!r}")
+    if pixels not in OAM_PIXELS:
+        raise ValueError(f"pixels must be one of {OAM_PIXELS}, got {pixels!r}")
     if images.ndim != 4 or images.shape[1] != images.shape[2]:
         raise ValueError(f"images must be square [B, S, S, C], got shape {images.shape}")
     if features.ndim != 4 or features.shape[0] != images.shape[0]:
@@ -393,7 +447,10 @@ def object_attention_crop(images, features, *, out_size: int = OUT_SIZE,
     else:
         attention = random_walk_attention(features, num_steps, sigma_ratio, converged=converged)
         boxes = attention_boxes(attention, images.shape[1], largest_component=largest_component)
-        crops = crop_and_resize(images, boxes, out_size)
+        if pixels == "uint8":
+            crops = crop_and_resize_uint8(images, boxes, out_size, mean_bgr)
+        else:
+            crops = crop_and_resize(images, boxes, out_size)
     return {"crops": jax.lax.stop_gradient(crops),
             "attention": jax.lax.stop_gradient(attention),
             "boxes": jax.lax.stop_gradient(boxes)}

@@ -9,7 +9,8 @@ import pytest
 
 from deml_jax.ops import proposal_crop_host as host
 from deml_jax.ops.crop import (attention_boxes, connected_components, crop_and_resize,
-                               object_attention_crop, squarify_box, upsample_like_cv2)
+                               crop_and_resize_uint8, object_attention_crop, squarify_box,
+                               upsample_like_cv2)
 from deml_jax.ops.random_walk import random_walk_attention
 
 MEAN = np.array([123.0, 117.0, 104.0], np.float32)
@@ -181,6 +182,21 @@ def test_crop_and_resize_matches_cv2_float(out_size, impl):
     chex.assert_trees_all_close(got, want, atol=5e-4, rtol=0)
 
 
+@pytest.mark.parametrize("out_size", [227, 90])
+def test_uint8_crop_is_bit_exact_with_cv2(out_size):
+    """Caffe's crop (§4 steps 1, 10): (uchar)(x + mean), cv2 uint8 resize, minus mean."""
+    rng = np.random.default_rng(out_size + 1)
+    size, batch = 227, 24
+    pixels = rng.integers(0, 256, (batch, size, size, 3)).astype(np.uint8)
+    images = pixels.astype(np.float32) - MEAN + rng.uniform(0, 0.99, pixels.shape).astype(np.float32)
+    boxes = random_boxes(rng, batch, size)
+    got = np.asarray(jax.jit(crop_and_resize_uint8, static_argnums=2)(images, boxes, out_size))
+    want = np.stack([cv2.resize(p[y0:y1, x0:x1], (out_size, out_size),
+                                interpolation=cv2.INTER_LINEAR).astype(np.float32) - MEAN
+                     for p, (y0, x0, y1, x1) in zip(pixels, boxes)])
+    np.testing.assert_array_equal(got, want)
+
+
 def test_crop_identity_for_full_box_at_same_size():
     rng = np.random.default_rng(3)
     images = rng.normal(size=(2, 20, 20, 3)).astype(np.float32)
@@ -243,14 +259,20 @@ def test_device_method_shapes_and_crop_close_to_host(oam_inputs):
     assert out["boxes"].dtype == jnp.int32
     crops, _, boxes = host.proposal_crop_batch(np.asarray(images), np.asarray(feats), 32)
     same = np.all(np.asarray(out["boxes"]) == boxes, axis=1)
-    # Caffe rounds the resized pixels to uint8; the device crop keeps floats.
-    chex.assert_trees_all_close(np.asarray(out["crops"])[same], crops[same], atol=1.0, rtol=0)
+    assert same.sum() >= 2
+    np.testing.assert_array_equal(np.asarray(out["crops"])[same], crops[same])
+    # pixels='float' skips Caffe's uint8 rounding of the resized pixels.
+    floats = jax.jit(lambda x, f: object_attention_crop(x, f, out_size=32, pixels="float"))(
+        images, feats)
+    chex.assert_trees_all_close(np.asarray(floats["crops"])[same], crops[same], atol=1.0, rtol=0)
 
 
 def test_bad_arguments_raise(oam_inputs):
     images, feats = oam_inputs
     with pytest.raises(ValueError, match="method"):
         object_attention_crop(images, feats, method="gpu")
+    with pytest.raises(ValueError, match="pixels"):
+        object_attention_crop(images, feats, pixels="int4")
     with pytest.raises(ValueError, match="square"):
         object_attention_crop(images[:, :, :60], feats)
     with pytest.raises(ValueError, match="features"):
