@@ -24,6 +24,7 @@ the output is split; this is exact and saves two passes over the input.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -155,15 +156,57 @@ def ceil_pool_padding(size: int, k: int, s: int, p: int = 0) -> tuple[int, int, 
     return out, p, max(pad_hi, 0)
 
 
+def _pool_window_slice(xp, i, j, out_h, out_w, s):
+    """The (i, j)-th element of every pooling window: xp[:, i::s, j::s] cut to out."""
+    b, _, _, c = xp.shape
+    return lax.slice(xp, (0, i, j, 0), (b, i + (out_h - 1) * s + 1, j + (out_w - 1) * s + 1, c),
+                     (1, s, s, 1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def max_pool_ceil(x: jax.Array, k: int, s: int, p: int = 0) -> jax.Array:
-    """Max pool [B,H,W,C] -> [B,H',W',C], Caffe ceil mode, padding acts as -inf."""
+    """Max pool [B,H,W,C] -> [B,H',W',C], Caffe ceil mode, padding acts as -inf.
+
+    Backward routes each output gradient to the FIRST maximum of its window in
+    row-major order, like Caffe's argmax mask (and torch); it is written as k*k
+    strided slices and pads because XLA:CPU's select-and-scatter (the default
+    gradient of reduce_window) was ~3x slower here (experiments/bench).
+    """
     _, h, w, _ = x.shape
     _, hl, hh = ceil_pool_padding(h, k, s, p)
     _, wl, wh = ceil_pool_padding(w, k, s, p)
-    # A Python-scalar init lets JAX lower this to reduce_window_max, which has a
-    # gradient; an array init makes a generic reduce_window (not differentiable).
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, k, k, 1), (1, s, s, 1),
                              ((0, 0), (hl, hh), (wl, wh), (0, 0)))
+
+
+def _max_pool_fwd(x, k, s, p):
+    y = max_pool_ceil(x, k, s, p)
+    return y, (x, y)
+
+
+def _max_pool_bwd(k, s, p, res, dy):
+    x, y = res
+    _, h, w, _ = x.shape
+    oh, hl, hh = ceil_pool_padding(h, k, s, p)
+    ow, wl, wh = ceil_pool_padding(w, k, s, p)
+    pads = ((0, 0), (hl, hh), (wl, wh), (0, 0))
+    xp = jnp.pad(x, pads, constant_values=-jnp.inf)
+    ph, pw = xp.shape[1:3]
+    taken = jnp.zeros(y.shape, bool)
+    dxp = jnp.zeros(xp.shape, dy.dtype)
+    zero = jnp.zeros((), dy.dtype)
+    for i in range(k):
+        for j in range(k):
+            hit = (_pool_window_slice(xp, i, j, oh, ow, s) == y) & ~taken
+            taken = taken | hit
+            g = jnp.where(hit, dy, zero)
+            # Transpose of the strided slice: interior padding puts g back in place.
+            dxp = dxp + lax.pad(g, zero, ((0, 0, 0), (i, ph - i - (oh - 1) * s - 1, s - 1),
+                                          (j, pw - j - (ow - 1) * s - 1, s - 1), (0, 0, 0)))
+    return (dxp[:, hl:hl + h, wl:wl + w, :],)
+
+
+max_pool_ceil.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def local_response_norm(x: jax.Array, *, size: int = LRN_SIZE,
@@ -189,11 +232,66 @@ def local_response_norm(x: jax.Array, *, size: int = LRN_SIZE,
 
 
 def conv2d(x, kernel, bias, *, stride: int = 1, pad: int = 0, dtype=jnp.float32):
-    """NHWC x HWIO convolution, output ``floor((H + 2p - k) / s) + 1`` (§3.2)."""
-    y = lax.conv_general_dilated(
-        x.astype(dtype), kernel.astype(dtype), (stride, stride),
-        ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    """NHWC x HWIO convolution, output ``floor((H + 2p - k) / s) + 1`` (§3.2).
+
+    1x1 stride-1 convs are matmuls (their gradients are matmuls too); other convs
+    use ``conv_weight_grad_fast`` for the kernel gradient.
+    """
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
+    k = kernel.shape[0]
+    if k == 1 and stride == 1 and pad == 0:
+        y = jnp.dot(x, kernel[0, 0])
+    else:
+        y = _conv(x, kernel, stride, pad)
     return y if bias is None else y + bias.astype(dtype)
+
+
+def _conv_raw(x, kernel, stride, pad):
+    return lax.conv_general_dilated(x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv(x, kernel, stride, pad):
+    return _conv_raw(x, kernel, stride, pad)
+
+
+def _conv_fwd(x, kernel, stride, pad):
+    return _conv_raw(x, kernel, stride, pad), (x, kernel)
+
+
+def _conv_bwd(stride, pad, res, dy):
+    x, kernel = res
+    _, vjp_x = jax.vjp(lambda x_: _conv_raw(x_, kernel, stride, pad), x)
+    dx = vjp_x(dy)[0]  # XLA's input gradient is fine; only the kernel one is slow
+    return dx, conv_weight_grad_fast(x, dy, kernel.shape[0], stride, pad).astype(kernel.dtype)
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv_weight_grad_fast(x, dy, k: int, stride: int, pad: int) -> jax.Array:
+    """dL/dkernel [k,k,Cin,Cout] of an NHWC conv as k*k matmuls over B*H*W.
+
+    XLA:CPU's own kernel gradient of a 3x3 conv was 2-5x slower than these
+    GEMMs (experiments/bench).  For tiny Cin (conv1: RGB) an im2col (patches)
+    matmul is used instead.  Accumulates in float32.
+    """
+    b, _, _, cin = x.shape
+    _, oh, ow, cout = dy.shape
+    dyf = dy.reshape(-1, cout)
+    if cin < 8:
+        pt = lax.conv_general_dilated_patches(
+            x, (k, k), (stride, stride), ((pad, pad), (pad, pad)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))  # features ordered (Cin, kh, kw)
+        g = lax.dot_general(pt.reshape(-1, cin * k * k), dyf, (((0,), (0,)), ((), ())),
+                            preferred_element_type=jnp.float32)
+        return g.reshape(cin, k, k, cout).transpose(1, 2, 0, 3)
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    rows = [lax.dot_general(_pool_window_slice(xp, i, j, oh, ow, stride).reshape(-1, cin), dyf,
+                            (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+            for i in range(k) for j in range(k)]
+    return jnp.stack(rows).reshape(k, k, cin, cout)
 
 
 def batch_norm_apply(y, scale, bias, mean, var, *, eps: float = BN_EPS):
