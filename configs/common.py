@@ -57,6 +57,7 @@ def get_base_config() -> ml_collections.ConfigDict:
         batch_size_per_device=50,  # §2.3 TEST batch
         chunk_size=1024, pictures=True,
         best_metric="recall@1",  # model selection on the validation split
+        final_test=True,  # evaluate the test split after the last step
     ))
     return c
 

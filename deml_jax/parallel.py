@@ -42,8 +42,9 @@ class PmapLauncher:
 
     def __init__(self, step_fn, devices=None):
         self.devices = list(devices or jax.local_devices())
-        self._step = jax.pmap(step_fn, axis_name=AXIS, devices=self.devices,
-                              donate_argnums=(0,))
+        # Multi-process pmap wants devices=None (all local devices, global axis).
+        chosen = None if self.devices == jax.local_devices() else self.devices
+        self._step = jax.pmap(step_fn, axis_name=AXIS, devices=chosen, donate_argnums=(0,))
 
     @property
     def num_local_devices(self) -> int:

@@ -175,7 +175,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     try:
         state = _loop(config, launcher, launcher.put_state(state), batches, start,
                       writer, checkpointer, stop_flag, embed, data_glue)
-        if state is None:  # pre-empted: checkpoint saved, no final evaluation
+        if state is None or not config.eval.final_test:  # pre-empted: checkpoint saved
             return {}
         results = data_glue.evaluate(config, embed(_variables(state)), "test", len(devices))
         writer.write_scalars(int(state["step"]), {f"test/{k}": v for k, v in results.items()})
