@@ -6,9 +6,13 @@ image with ``cv::resize``.  Here every step is a fixed-shape array program:
 
 * the uint8 bilinear upsample reproduces OpenCV's fixed-point ``INTER_LINEAR``
   (11-bit weights, its vertical rounding, its border rules) bit for bit;
-* the largest contour is replaced by the largest 8-connected component by pixel
-  count, found by label propagation (§12: same box in 300/300 simulated maps);
-* the crop is two batched matmuls with separable interpolation matrices.
+* the largest contour (by polygon area) is replaced by the largest 8-connected
+  component by pixel count, found by label propagation (§12: same box in
+  300/300 simulated maps; see experiments/bench/oam_agreement.py);
+* the crop is separable bilinear resampling: two batched matmuls with
+  ``[B, out, S]`` interpolation matrices or two gathers (float images,
+  :func:`crop_and_resize`), or Caffe's uint8 pixels bit for bit
+  (:func:`crop_and_resize_uint8`, the default of :func:`object_attention_crop`).
 
 ``method='host'`` in :func:`object_attention_crop` runs the exact OpenCV
 emulation (:mod:`deml_jax.ops.proposal_crop_host`) through ``jax.pure_callback``.
@@ -28,7 +32,8 @@ OUT_SIZE = 227
 MEAN_BGR = (123.0, 117.0, 104.0)
 # OpenCV INTER_RESIZE_COEF_BITS: bilinear weights of uint8 resize are multiples of 2^-11.
 RESIZE_COEF_SCALE = 2048
-# Cap on label-propagation sweeps; blob-shaped regions converge in a handful.
+# Cap on label-propagation sweeps; blob-shaped regions converge in 2-3 (+1 to
+# detect convergence).  Past the cap a winding component may stay split.
 MAX_CC_SWEEPS = 256
 
 _HIGHEST = jax.lax.Precision.HIGHEST

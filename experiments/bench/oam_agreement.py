@@ -14,10 +14,14 @@ fraction identical) for
   ImageNet weights exist here) on real photos from ``skimage.data``, zero-padded
   to square, resized to 256, then 227 crops at 9 offsets x 2 mirrors (§2.3);
 
-for the default device path (largest 8-connected component) and for the cheaper
+and two stress sets (two distant objects; plain ReLU noise) where the binary map
+often has several regions, for the default device path (largest 8-connected
+component) and for the cheaper
 bounding box of all foreground pixels, and for the box stage alone (the host's
-walk map fed to the device box code).  Then times one batch of 26 at 227 px:
-device OAM under jit vs the host path (median of --repeats calls, after warm-up).
+walk map fed to the device box code); counts device crops bit-identical to the
+host's.  Then times one batch of 26 at 227 px: the device OAM under jit (default,
+and the cheap variant: all-foreground bbox + float crop) vs the host path
+(median of --repeats calls, after warm-up).
 """
 from __future__ import annotations
 
@@ -47,6 +51,20 @@ def synthetic_features(rng, count, n=7, channels=1024):
             sigma = rng.uniform(0.7, 2.0)
             bump = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma ** 2))
             feats[b] += bump[..., None] * rng.uniform(0, 3, channels)
+    return feats.astype(np.float32)
+
+
+def two_object_features(rng, count, n=7, channels=1024):
+    """Stress set: two compact blobs far apart, so the binary map often has two
+    components and the largest one must be picked (all-foreground bbox fails)."""
+    feats = np.maximum(rng.normal(0.0, 0.3, (count, n, n, channels)), 0)
+    yy, xx = np.mgrid[:n, :n]
+    for b in range(count):
+        corners = rng.permutation([(1, 1), (1, n - 2), (n - 2, 1), (n - 2, n - 2)])[:2]
+        for (cy, cx), amp in zip(corners, rng.uniform(1.0, 3.0, 2)):
+            sigma = rng.uniform(0.5, 0.9)
+            bump = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma ** 2))
+            feats[b] += amp * bump[..., None] * rng.uniform(0, 3, channels)
     return feats.astype(np.float32)
 
 
@@ -102,24 +120,49 @@ def agreement(label, feats, size=227, chunk=26):
     host_maps = [host.walk_map(f) for f in feats]
     ref = [host.attention_box(m, size)[0] for m in host_maps]
     run = lambda fn, ms: np.concatenate([np.asarray(fn(ms[i:i + chunk])) for i in range(0, len(ms), chunk)])
-    print(f"{label}: max |device map - host map| = {np.max(np.abs(maps - np.stack(host_maps))):.3g}")
+    parts = [host.attention_box(m, size)[1]["binary"] for m in host_maps]
+    multi = np.mean([len(cv2.findContours(p, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)[0]) > 1
+                     for p in parts])
+    print(f"{label}: max |device map - host map| = {np.max(np.abs(maps - np.stack(host_maps))):.3g}, "
+          f"maps with > 1 foreground region: {multi:.3f}")
     summary("device (largest component)", run(boxes[True], maps), ref)
     summary("device (all-foreground bbox)", run(boxes[False], maps), ref)
     summary("box stage only (host map in)", run(boxes[True], np.stack(host_maps)), ref)
 
 
-def timing(feats, images, repeats):
+def crop_parity(feats, images):
+    """Device crops (Caffe uint8 pixels) vs host crops, on images whose boxes agree."""
+    feats, images = feats[: len(images)], images[: len(feats)]
     device = jax.jit(lambda x, f: object_attention_crop(x, f))
-    hosted = jax.jit(lambda x, f: object_attention_crop(x, f, method="host"))
+    same = exact = 0
+    for i in range(0, len(images), 26):
+        out = device(images[i:i + 26], feats[i:i + 26])
+        crops, _, boxes = host.proposal_crop_batch(images[i:i + 26], feats[i:i + 26])
+        agree = np.all(np.asarray(out["boxes"]) == boxes, axis=1)
+        same += int(agree.sum())
+        exact += int(np.sum(np.all(np.asarray(out["crops"]) == crops, axis=(1, 2, 3)) & agree))
+    print(f"  crops bit-identical to the host's: {exact}/{same} images with identical boxes")
+
+
+def timing(feats, images, repeats):
+    variants = (
+        ("device (jit), default", jax.jit(lambda x, f: object_attention_crop(x, f))),
+        ("device, all-fg bbox + float crop", jax.jit(lambda x, f: object_attention_crop(
+            x, f, largest_component=False, pixels="float"))),
+        ("host (pure_callback, cv2)", jax.jit(lambda x, f: object_attention_crop(
+            x, f, method="host"))),
+    )
     x, f = jnp.asarray(images[:26]), jnp.asarray(feats[:26])
-    for name, fn in (("device (jit)", device), ("host (pure_callback, cv2)", hosted)):
+    for name, fn in variants:
         jax.block_until_ready(fn(x, f))
-        times = []
+        wall, cpu = [], []
         for _ in range(repeats):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             jax.block_until_ready(fn(x, f))
-            times.append(time.perf_counter() - start)
-        print(f"  {name:<28} {1e3 * np.median(times):8.1f} ms per batch of 26 (median of {repeats})")
+            wall.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
+        print(f"  {name:<34} {1e3 * np.median(wall):8.1f} ms wall, {1e3 * np.median(cpu):8.1f} ms "
+              f"CPU per batch of 26 (median of {repeats})")
 
 
 def main():
@@ -131,6 +174,9 @@ def main():
     rng = np.random.default_rng(0)
     synth = synthetic_features(rng, args.synthetic)
     agreement("synthetic blobs 7x7x1024", synth)
+    agreement("stress: two distant objects 7x7x1024", two_object_features(rng, 100))
+    noise = np.maximum(rng.normal(size=(100, 7, 7, 1024)), 0).astype(np.float32)
+    agreement("stress: ReLU noise, no object 7x7x1024", noise)
     images = photo_batch()
     try:
         real = googlenet_features(images)
@@ -140,6 +186,7 @@ def main():
     if real is not None:
         agreement(f"GoogLeNet inception_5b (random init) on {len(images)} photo crops", real)
         agreement("all maps", np.concatenate([synth, real]))
+        crop_parity(real, images)
     print("timing, one batch of 26 images 227x227 with 7x7x1024 features:")
     timing(synth, images, args.repeats)
 
