@@ -123,7 +123,7 @@ class RetrievalEvaluator:
         'gallery': fn}; each fn() returns an iterable of eval batches.
       mode: 'self' (query set = gallery, self excluded; CUB, Cars, SOP) or
         'query_gallery' (In-Shop).
-      ks, metric, chunk_size, map_at_r, devices, shard_threshold, matmul: see
+      ks, metric, chunk_size, map_at_r, devices, shard_threshold: see
         metrics.retrieval_metrics.
       clustering: also NMI and F1 (k-means on the test split; on the gallery
         in query_gallery mode).
@@ -136,7 +136,7 @@ class RetrievalEvaluator:
                  clustering: bool = True, chunk_size: int = knn_lib.DEFAULT_CHUNK_SIZE,
                  prefix: str = "", map_at_r: bool = True, seed: int = 0, devices=None,
                  shard_threshold: int = knn_lib.DEFAULT_SHARD_THRESHOLD,
-                 matmul: str = "auto", allgather: Callable | None = None):
+                 allgather: Callable | None = None):
         need = {"self": ("test",), "query_gallery": ("query", "gallery")}
         if mode not in need:
             raise ValueError(f"mode must be 'self' or 'query_gallery', got {mode!r}")
@@ -146,7 +146,7 @@ class RetrievalEvaluator:
         self.embed_fn, self.splits, self.mode = embed_fn, dict(splits), mode
         self.ks, self.metric, self.clustering = metrics_lib._check_ks(ks), metric, clustering
         self.metric_kw = dict(chunk_size=chunk_size, map_at_r=map_at_r, devices=devices,
-                              shard_threshold=shard_threshold, matmul=matmul)
+                              shard_threshold=shard_threshold)
         self.prefix, self.seed, self.allgather = prefix, seed, allgather
         self.last: dict[str, dict[str, np.ndarray]] = {}
 

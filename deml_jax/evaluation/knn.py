@@ -32,9 +32,10 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 METRICS = ("cosine", "euclidean")
-# Default query rows per chunk: 1024 x 60,502 float32 scores = 248 MB at SOP
-# scale (the full matrix would be 14.6 GB).  Measured in experiments/bench/knn.py.
-DEFAULT_CHUNK_SIZE = 1024
+# Default query rows per chunk: 512 x 60,502 float32 scores = 124 MB at SOP
+# scale (the full matrix would be 14.6 GB); on CPU 256..1024 ran equally fast
+# (experiments/bench/knn.py), smaller chunks use less memory.
+DEFAULT_CHUNK_SIZE = 512
 # Shard the gallery over devices only when it is at least this large; below
 # it one device is faster than the collectives (an engineering choice).
 DEFAULT_SHARD_THRESHOLD = 32768
@@ -144,9 +145,10 @@ def _rank_chunk(s, q_lab, q_ids, g_lab, g_ids, g_valid, *, k, self_mode, axis_na
     num_rel = jnp.sum(positive, axis=1, dtype=jnp.int32)
     # The nearest relevant item in one pass: argmax returns the first (lowest
     # index) of equal maxima, i.e. the tie rule.
-    pos_s = jnp.where(positive, s, -jnp.inf)
-    arg = jnp.argmax(pos_s, axis=1)
-    best = jnp.take_along_axis(pos_s, arg[:, None], axis=1)[:, 0]
+    # (max and argmax are separate reductions so that XLA fuses the masking
+    # into each and never writes a second [c, n] array.)
+    arg = jnp.argmax(jnp.where(positive, s, -jnp.inf), axis=1)
+    best = jnp.max(jnp.where(positive, s, -jnp.inf), axis=1)
     big = jnp.iinfo(jnp.int32).max
     best_id = jnp.where(jnp.isneginf(best), big, g_ids[arg])
     if axis_name is not None:
@@ -192,32 +194,6 @@ def _search(q, q_lab, q_ids, g, g_sq, g_lab, g_ids, g_valid, *, metric, k, self_
     return tuple(o.reshape((n_chunks * chunk,) + o.shape[2:]) for o in out)
 
 
-_rank_chunk_jit = jax.jit(functools.partial(_rank_chunk, axis_name=None),
-                         static_argnames=("k", "self_mode"))
-
-
-def _search_host_matmul(q, q_lab, q_ids, g, g_sq, g_lab, g_ids, g_valid, *, metric, k,
-                        self_mode, chunk):
-    """CPU backend: chunk scores by the host BLAS (numpy), ranking in XLA.
-
-    On CPU, XLA's float32 matmul ran at about half the speed of NumPy's BLAS
-    (experiments/bench/knn.py); the ranking of chunk i (dispatched
-    asynchronously) overlaps the matmul of chunk i + 1.
-    """
-    gal = tuple(jnp.asarray(a) for a in (g_lab, g_ids, g_valid))
-    outs = []
-    for start in range(0, q.shape[0], chunk):
-        sl = slice(start, start + chunk)
-        s = q[sl] @ g.T
-        if metric == "euclidean":
-            s *= 2.0
-            s -= g_sq[None, :]
-        outs.append(_rank_chunk_jit(s, q_lab[sl], q_ids[sl], *gal, k=k, self_mode=self_mode))
-        if len(outs) >= 2:  # at most two chunks in flight: memory stays O(chunk x N)
-            jax.block_until_ready(outs[-2])
-    return tuple(np.concatenate([np.asarray(o[i]) for o in outs]) for i in range(5))
-
-
 def gallery_mesh(devices=None) -> Mesh:
     """1-D mesh ``('data',)`` with Auto axes (not jax.make_mesh: Explicit in JAX 0.10)."""
     devices = jax.devices() if devices is None else list(devices)
@@ -256,7 +232,7 @@ def _labels(lab, n, name):
 def knn_search(query, gallery=None, *, k: int, metric: str = "cosine", query_labels=None,
                gallery_labels=None, chunk_size: int = DEFAULT_CHUNK_SIZE, devices=None,
                shard_threshold: int = DEFAULT_SHARD_THRESHOLD,
-               precision=DEFAULT_PRECISION, matmul: str = "auto") -> dict[str, np.ndarray]:
+               precision=DEFAULT_PRECISION) -> dict[str, np.ndarray]:
     """Exact k-NN of every query in the gallery, under the stable tie rule.
 
     Args:
@@ -271,9 +247,6 @@ def knn_search(query, gallery=None, *, k: int, metric: str = "cosine", query_lab
       chunk_size: query rows scored at once (peak memory O(chunk_size x N)).
       devices: devices to shard the gallery over (default: all).
       shard_threshold: shard only when N >= this and there are >= 2 devices.
-      matmul: 'device' (XLA, inside one jit over all chunks), 'host' (NumPy
-        BLAS scores, XLA ranking; CPU only, unsharded) or 'auto' (host on an
-        unsharded CPU run, else device).  Same results up to float rounding.
     Returns:
       Host numpy dict: 'scores' f32 [Q, k] (higher = nearer), 'indices' i32
       [Q, k], 'labels' i32 [Q, k] (-1 for padding), 'num_relevant' i32 [Q]
@@ -283,8 +256,6 @@ def knn_search(query, gallery=None, *, k: int, metric: str = "cosine", query_lab
     check_metric(metric)
     if not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
-    if matmul not in ("auto", "device", "host"):
-        raise ValueError(f"matmul must be 'auto', 'device' or 'host', got {matmul!r}")
     if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     self_mode = gallery is None
@@ -309,19 +280,13 @@ def knn_search(query, gallery=None, *, k: int, metric: str = "cosine", query_lab
     # Padded queries (rows >= Q) are scored too and dropped; their ids match no
     # valid gallery item, so they never exclude anything.
     qry = (_pad_rows(q, n_q), _pad_rows(q_lab, n_q), np.arange(n_q, dtype=np.int32))
-    on_cpu = devices[0].platform == "cpu"
-    if matmul == "host" and (mesh is not None or not on_cpu):
-        raise ValueError("matmul='host' needs an unsharded CPU run")
-    if matmul == "host" or (matmul == "auto" and mesh is None and on_cpu):
-        with jax.default_device(devices[0]):
-            out = _search_host_matmul(*qry, *gal, metric=metric, k=int(k), self_mode=self_mode,
-                                      chunk=chunk)
-    else:
-        qry = tuple(_place(a, mesh, P()) for a in qry)
-        gal = tuple(_place(a, mesh, P(_AXIS)) for a in gal)
-        if mesh is None:
-            qry, gal = jax.device_put((qry, gal), devices[0])
-        out = _search(*qry, *gal, metric=metric, k=int(k), self_mode=self_mode, chunk=chunk,
-                      mesh=mesh, precision=precision)
+    qry = tuple(_place(a, mesh, P()) for a in qry)
+    gal = tuple(_place(a, mesh, P(_AXIS)) for a in gal)
+    if mesh is None:
+        qry, gal = jax.device_put((qry, gal), devices[0])
+    # (A NumPy-BLAS matmul + XLA ranking variant for CPU was measured slower
+    # end to end on 2 cores than this single program; removed.)
+    out = _search(*qry, *gal, metric=metric, k=int(k), self_mode=self_mode, chunk=chunk,
+                  mesh=mesh, precision=precision)
     names = ("scores", "indices", "labels", "num_relevant", "first_hit_rank")
     return {n: _to_host(o)[: q.shape[0]] for n, o in zip(names, out)}

@@ -87,7 +87,7 @@ def retrieval_metrics(query, query_labels, gallery=None, gallery_labels=None,
                       ks: Sequence[int] = (1, 2, 4, 8), metric: str = "cosine",
                       chunk_size: int = knn_lib.DEFAULT_CHUNK_SIZE, *, map_at_r: bool = True,
                       devices=None, shard_threshold: int = knn_lib.DEFAULT_SHARD_THRESHOLD,
-                      return_per_query: bool = False, matmul: str = "auto") -> dict:
+                      return_per_query: bool = False) -> dict:
     """Exact retrieval metrics, chunked (and sharded) k-NN on device.
 
     Args:
@@ -100,7 +100,6 @@ def retrieval_metrics(query, query_labels, gallery=None, gallery_labels=None,
       map_at_r: also compute 'r_precision' and 'map@r' (top-k list, k = max R).
       devices, shard_threshold: see knn.knn_search.
       return_per_query: add 'per_query' (dict of numpy [Q] arrays).
-      matmul: see knn.knn_search ('auto': NumPy BLAS scores on a CPU run).
     Returns:
       {'recall@K': float, ..., 'p@1', 'r_precision', 'map@r' (float, over the
       included queries), 'num_queries' (int, included), 'num_excluded_queries'
@@ -118,7 +117,7 @@ def retrieval_metrics(query, query_labels, gallery=None, gallery_labels=None,
     k = max(1, max_relevant(q_lab, g_lab)) if map_at_r else 1
     nn = knn_lib.knn_search(query, gallery, k=k, metric=metric, query_labels=q_lab,
                             gallery_labels=g_lab, chunk_size=chunk_size, devices=devices,
-                            shard_threshold=shard_threshold, matmul=matmul)
+                            shard_threshold=shard_threshold)
     return summarize(nn, q_lab, ks, metric=metric, map_at_r=map_at_r,
                      return_per_query=return_per_query)
 

@@ -1,6 +1,6 @@
 """Benchmark: exact retrieval metrics at CUB and SOP scale vs faiss IndexFlatIP.
 
-Run:  .venv/bin/python experiments/bench/knn.py [--scales cub,sop] [--chunk-size 1024]
+Run:  .venv/bin/python experiments/bench/knn.py [--scales cub,sop] [--chunk-size 512]
 
 Each (scale, method) runs in a fresh subprocess so that its peak RSS (getrusage
 ru_maxrss, minus the peak before the measured call) is its own.  Methods:
@@ -131,7 +131,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--scales", default="cub,sop")
     p.add_argument("--methods", default="metrics,knn,faiss")
-    p.add_argument("--chunk-size", type=int, default=1024)
+    p.add_argument("--chunk-size", type=int, default=512, help="query rows per chunk")
     p.add_argument("--one", nargs=2, metavar=("SCALE", "METHOD"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
