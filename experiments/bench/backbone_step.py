@@ -41,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--no_fuse_1x1", action="store_true", help="unfused inception 1x1s")
     p.add_argument("--torch_channels_last", action="store_true")
     p.add_argument("--skip", default="", help="comma list of jax_tv,torch,jax_bvlc")
+    p.add_argument("--with_plain", action="store_true", help="add a jax_tv row that uses "
+                   "XLA's default conv/max-pool gradients (our custom VJPs off)")
     return p.parse_args(argv)
 
 
@@ -62,7 +64,40 @@ def interleaved(runs: dict, steps: int, warmup: int) -> dict:
     return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in runs}
 
 
-def jax_step_bench(args, variant):
+def plain_autodiff_ops():
+    """lax conv / reduce_window with XLA's default gradients (the 'naive' JAX step)."""
+    from jax import lax
+
+    def conv2d(x, kernel, bias, *, stride=1, pad=0, dtype=None):
+        y = lax.conv_general_dilated(x.astype(dtype), kernel.astype(dtype), (stride, stride),
+                                     ((pad, pad), (pad, pad)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y if bias is None else y + bias.astype(dtype)
+
+    def max_pool_ceil(x, k, s, p=0):
+        from deml_jax.models.googlenet import ceil_pool_padding
+        _, hl, hh = ceil_pool_padding(x.shape[1], k, s, p)
+        _, wl, wh = ceil_pool_padding(x.shape[2], k, s, p)
+        return lax.reduce_window(x, -float("inf"), lax.max, (1, k, k, 1), (1, s, s, 1),
+                                 ((0, 0), (hl, hh), (wl, wh), (0, 0)))
+    return {"conv2d": conv2d, "max_pool_ceil": max_pool_ceil}
+
+
+def jax_step_bench(args, variant, plain=False):
+    """Compiles the step (with the plain ops patched in while tracing if asked)."""
+    from deml_jax.models import googlenet as G
+    saved = {k: getattr(G, k) for k in ("conv2d", "max_pool_ceil")}
+    if plain:
+        for k, v in plain_autodiff_ops().items():
+            setattr(G, k, v)
+    try:
+        return _jax_step_bench(args, variant)
+    finally:
+        for k, v in saved.items():
+            setattr(G, k, v)
+
+
+def _jax_step_bench(args, variant):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -147,8 +182,9 @@ def main(argv=None):
     setups = {}
     for name, fn in [("jax_tv", lambda: jax_step_bench(args, "torchvision_bn")),
                      ("torch", lambda: torch_step_bench(args)),
-                     ("jax_bvlc", lambda: jax_step_bench(args, "bvlc"))]:
-        if name not in skip:
+                     ("jax_bvlc", lambda: jax_step_bench(args, "bvlc")),
+                     ("jax_tv_plain", lambda: jax_step_bench(args, "torchvision_bn", True))]:
+        if name not in skip and (name != "jax_tv_plain" or args.with_plain):
             setups[name] = fn()
             print(f"  set up {name}: compile {setups[name][0]:.1f} s", flush=True)
     times = interleaved({k: v[1] for k, v in setups.items()}, args.steps, args.warmup)
@@ -156,10 +192,10 @@ def main(argv=None):
           f"dtype {args.dtype}, median of {args.steps} interleaved steps after "
           f"{args.warmup} warm-up, XLA_FLAGS='{os.environ['XLA_FLAGS']}', "
           f"fuse_1x1={not args.no_fuse_1x1}, torch channels_last={args.torch_channels_last}")
-    print(f"{'impl':<10}{'size':>6}{'compile_s':>11}{'step_s':>9}{'cpu_s':>8}{'img/s':>8}")
+    print(f"{'impl':<13}{'size':>6}{'compile_s':>11}{'step_s':>9}{'cpu_s':>8}{'img/s':>8}")
     for name, (comp, _, size) in setups.items():
         wall, cpu = times[name]
-        print(f"{name:<10}{size:>6}{comp:>11.1f}{wall:>9.3f}{cpu:>8.2f}{args.batch / wall:>8.2f}")
+        print(f"{name:<13}{size:>6}{comp:>11.1f}{wall:>9.3f}{cpu:>8.2f}{args.batch / wall:>8.2f}")
     if "jax_tv" in times and "torch" in times:
         print(f"jax_tv step time / torch step time = "
               f"{times['jax_tv'][0] / times['torch'][0]:.2f}")
