@@ -227,3 +227,19 @@ def _loop(config, launcher, dstate, batches, start, writer, checkpointer, stop_f
             checkpointer.wait()
             return None
     return launcher.get_state(dstate)
+
+
+def load_trained_state(config, workdir: str, which: str = "latest") -> State:
+    """The host state of ``workdir``'s latest or best-on-validation checkpoint."""
+    if which not in ("latest", "best"):
+        raise ValueError(f"checkpoint must be 'latest' or 'best', got {which!r}")
+    model, tx = create_model(config), optim.make_optimizer(config.optim)
+    abstract = jax.eval_shape(lambda: init_state(config, model, tx, jax.random.PRNGKey(0)))
+    best = f"val/{config.eval.best_metric}" if which == "best" else None
+    with ckpt_lib.Checkpointer(workdir, best_metric=best) as checkpointer:
+        restored = (checkpointer.restore_best(abstract) if which == "best"
+                    else checkpointer.restore_or_none(abstract))
+    if restored is None:
+        raise FileNotFoundError(f"no {which} checkpoint in {workdir!r}"
+                                + (" (best needs config.dataset.val_split)" if which == "best" else ""))
+    return jax.tree.map(np.asarray, restored[0])

@@ -177,3 +177,25 @@ def test_every_config_file_loads_and_validates():
     for name in names:
         for arg in ("", ":runlocal"):
             config_lib.validate(config_lib.load_config(os.path.join(ROOT, "configs", name) + arg))
+
+
+def test_evaluate_and_export_cli_functions(reference, tmp_path):
+    from deml_jax.evaluate import evaluate_checkpoint
+    from deml_jax.evaluation.features import evaluate_features, load_features
+    from deml_jax.export_features import export
+
+    workdir, config, results = reference
+    again = evaluate_checkpoint(config, workdir, "latest", num_pictures=2)
+    for key in ("recall@1", "recall@8", "map@r", "num_queries"):
+        assert again[key] == results[key]
+    assert os.path.exists(os.path.join(workdir, f"eval_latest_{TOTAL}.json"))
+    pictures = sorted(os.listdir(os.path.join(workdir, "pictures")))
+    assert pictures == ["attention_00.png", "attention_01.png", "retrieval_grid.png"]
+    evaluate_checkpoint(config, workdir, "best", num_pictures=0)
+    path = export(config, workdir, "test", str(tmp_path / "test.npz"))
+    features = load_features(path)
+    assert features["embeddings"].shape == (896, 2 * 2 * 8)
+    assert list(features["ids"]) == list(range(896))
+    assert all(name for name in features["filenames"])
+    from_file = evaluate_features(features, ks=(1, 2, 4, 8))
+    np.testing.assert_allclose(from_file["recall@1"], results["recall@1"])

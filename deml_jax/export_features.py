@@ -1,0 +1,61 @@
+"""``python -m deml_jax.export_features --config CONFIG --workdir DIR --split test --out F.npz``.
+
+Writes the inference embeddings (the concatenated L2-normalised learner
+embeddings, §3.6) of a split with labels, ids and file names, in the npz
+format of :mod:`deml_jax.evaluation.features`; evaluate them later with
+``python -m deml_jax.evaluation.features --features F.npz``.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+from ml_collections import config_flags
+
+
+
+def export(config, workdir: str, split: str, out: str, which: str = "latest") -> str:
+    import jax
+
+    from deml_jax import data_glue, train
+    from deml_jax.data import pipeline
+    from deml_jax.evaluation.evaluator import embed_split
+    from deml_jax.evaluation.features import save_features
+
+    state = train.load_trained_state(config, workdir, which)
+    model, devices = train.create_model(config), train.select_devices(config)
+    embed = train.make_embed_fn(model, devices)(
+        {"params": state["params"], "batch_stats": state["batch_stats"]})
+    source = data_glue.load_source(config, split)
+    batches = pipeline.eval_batches(
+        source, batch_size_per_device=config.eval.batch_size_per_device,
+        num_local_devices=len(devices), process_index=jax.process_index(),
+        process_count=jax.process_count(), transform=data_glue.eval_transform(config))
+    result = embed_split(embed, batches, split=split)
+    names = data_glue.file_names(config, split)[result["indices"]]
+    meta = {"dataset": data_glue.dataset_name(config), "split": split, "checkpoint": which,
+            "step": int(state["step"]), "config": config.to_json()}
+    if jax.process_index() == 0:
+        save_features(out, result["embeddings"], result["labels"], ids=result["indices"],
+                      filenames=names, metadata=meta)
+    return out
+
+
+def main(argv):
+    del argv
+    FLAGS = flags.FLAGS
+    print(export(FLAGS.config, FLAGS.workdir, FLAGS.split, FLAGS.out, FLAGS.checkpoint))
+
+
+def _define_flags():
+    """CLI flags, defined only when run as a program (the module stays importable)."""
+    config_flags.DEFINE_config_file("config", None, "The training config file.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "The training workdir (holds checkpoints/).")
+    flags.DEFINE_string("split", "test", "Dataset split to embed (e.g. test, val, query, gallery).")
+    flags.DEFINE_string("out", None, "Output .npz path.")
+    flags.DEFINE_enum("checkpoint", "latest", ["latest", "best"], "Which checkpoint to use.")
+    flags.mark_flags_as_required(["config", "workdir", "out"])
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)
