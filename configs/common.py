@@ -55,7 +55,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict(dict(
         ks=(1, 2, 4, 8), mode="self", metric="cosine", clustering=True,
         batch_size_per_device=50,  # §2.3 TEST batch
-        chunk_size=1024, pictures=True,
+        chunk_size=1024, pictures=True, num_pictures=8,
         best_metric="recall@1",  # model selection on the validation split
         final_test=True,  # evaluate the test split after the last step
     ))

@@ -177,12 +177,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
                       writer, checkpointer, stop_flag, embed, data_glue)
         if state is None or not config.eval.final_test:  # pre-empted: checkpoint saved
             return {}
-        results = data_glue.evaluate(config, embed(_variables(state)), "test", len(devices))
+        evaluator = data_glue.make_evaluator(config, embed(_variables(state)), "test", len(devices))
+        results = evaluator.run()
         writer.write_scalars(int(state["step"]), {f"test/{k}": v for k, v in results.items()})
         if primary:
             with open(os.path.join(workdir, "results.json"), "w") as f:
                 json.dump({"step": int(state["step"]), "test": results}, f, indent=2)
             print(logging_lib.format_table(results, title=f"test @ step {int(state['step'])}"))
+            if config.eval.pictures:
+                from deml_jax.evaluate import pictures
+                paths = pictures(config, model, _variables(state), evaluator,
+                                 os.path.join(workdir, "pictures"), config.eval.num_pictures)
+                logging_lib.log(f"wrote {len(paths)} pictures to {os.path.dirname(paths[0])}")
         return results
     finally:
         stop_flag.uninstall()

@@ -17,6 +17,6 @@ def get_config(arg=None):
     c.optim.update(base_lr=1e-3, schedule="constant", total_steps=6)
     c.update(total_steps=6, log_every_steps=1, eval_every_steps=100,
              checkpoint_every_steps=2, keep_checkpoints=10)
-    c.eval.update(batch_size_per_device=64, clustering=False, final_test=False)
+    c.eval.update(batch_size_per_device=64, clustering=False, final_test=False, pictures=False)
     c.parallel.num_devices = 1
     return c
