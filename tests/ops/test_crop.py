@@ -1,4 +1,7 @@
-"""Device box/crop vs OpenCV and hand-worked cases; exact host ProposalCrop path (deml-reference.md §4)."""
+"""Device box/crop vs OpenCV and hand-worked cases; the exact host ProposalCrop path.
+
+References: cv2 itself, hand-worked boxes, loops (deml-reference.md §4).
+"""
 
 import chex
 import cv2
@@ -38,7 +41,8 @@ def iou(a, b):
 
 # ------------------------------------------------------------------ box steps
 
-@pytest.mark.parametrize("h,w,size", [(7, 7, 227), (7, 7, 224), (14, 14, 227), (6, 8, 100), (5, 5, 5)])
+@pytest.mark.parametrize("h,w,size", [(7, 7, 227), (7, 7, 224), (14, 14, 227), (6, 8, 100),
+                                      (5, 5, 5)])
 def test_upsample_is_bit_exact_with_cv2(h, w, size):
     rng = np.random.default_rng(h * w + size)
     maps = rng.integers(0, 256, (6, h, w)).astype(np.uint8)
@@ -145,8 +149,9 @@ def test_host_walk_map_matches_float64_loop():
     d = np.zeros((n, n))
     for q in range(n):
         for p in range(n):
-            dist = np.sqrt(np.sum((feat.reshape(n, 6)[q].astype(float) - feat.reshape(n, 6)[p]) ** 2))
-            d[q, p] = dist * np.exp(-((q // 4 - p // 4) ** 2 + (q % 4 - p % 4) ** 2) / (2 * eps ** 2))
+            diff = feat.reshape(n, 6)[q].astype(float) - feat.reshape(n, 6)[p]
+            grid = (q // 4 - p // 4) ** 2 + (q % 4 - p % 4) ** 2
+            d[q, p] = np.sqrt(np.sum(diff ** 2)) * np.exp(-grid / (2 * eps ** 2))
     m = np.full(n, 1 / n)
     for _ in range(10):
         m = (d / d.sum(axis=0, keepdims=True)) @ m
@@ -188,7 +193,8 @@ def test_uint8_crop_is_bit_exact_with_cv2(out_size):
     rng = np.random.default_rng(out_size + 1)
     size, batch = 227, 24
     pixels = rng.integers(0, 256, (batch, size, size, 3)).astype(np.uint8)
-    images = pixels.astype(np.float32) - MEAN + rng.uniform(0, 0.99, pixels.shape).astype(np.float32)
+    fraction = rng.uniform(0, 0.99, pixels.shape).astype(np.float32)  # truncated by the rebuild
+    images = pixels.astype(np.float32) - MEAN + fraction
     boxes = random_boxes(rng, batch, size)
     got = np.asarray(jax.jit(crop_and_resize_uint8, static_argnums=2)(images, boxes, out_size))
     want = np.stack([cv2.resize(p[y0:y1, x0:x1], (out_size, out_size),
@@ -244,7 +250,8 @@ def test_gradient_through_oam_is_exactly_zero(oam_inputs, method):
 
 def test_host_method_under_jit_equals_numpy_path(oam_inputs):
     images, feats = oam_inputs
-    out = jax.jit(lambda x, f: object_attention_crop(x, f, out_size=32, method="host"))(images, feats)
+    hosted = jax.jit(lambda x, f: object_attention_crop(x, f, out_size=32, method="host"))
+    out = hosted(images, feats)
     crops, maps, boxes = host.proposal_crop_batch(np.asarray(images), np.asarray(feats), 32)
     np.testing.assert_array_equal(np.asarray(out["boxes"]), boxes)
     np.testing.assert_array_equal(np.asarray(out["crops"]), crops)

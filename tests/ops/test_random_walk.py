@@ -1,4 +1,4 @@
-"""Random-walk attention vs a plain float64 NumPy loop reference (deml-reference.md §4 steps 2-4)."""
+"""Random-walk attention vs a plain float64 loop reference (deml-reference.md §4 steps 2-4)."""
 
 import math
 
@@ -23,7 +23,8 @@ def reference_graph(feat, sigma_ratio=0.15):
                 continue
             rq, cq = divmod(q, w)
             rp, cp = divmod(p, w)
-            dist = math.sqrt(sum((float(a) - float(b)) ** 2 for a, b in zip(feat[rq, cq], feat[rp, cp])))
+            pairs = zip(feat[rq, cq], feat[rp, cp])
+            dist = math.sqrt(sum((float(a) - float(b)) ** 2 for a, b in pairs))
             d[q, p] = dist * math.exp(-((rq - rp) ** 2 + (cq - cp) ** 2) / (2 * eps * eps))
     colsum = [sum(d[q, p] for q in range(n)) for p in range(n)]
     return d, np.array(colsum)
