@@ -30,7 +30,8 @@ State = dict[str, Any]
 
 
 def create_model(config):
-    return build_model(config.model, config.dataset.mean_bgr, config.loss.diversity)
+    return build_model(config.model, config.dataset.mean_bgr, config.loss.diversity,
+                       config.dataset.augmentation)
 
 
 def init_state(config, model, tx, rng) -> State:

@@ -112,6 +112,9 @@ class DeML(nn.Module):
     oam_sigma_ratio: float = 0.15
     oam_method: str = "device"
     oam_converged: bool = False
+    # 'uint8': rebuild Caffe's uint8 pixels (mean_bgr added back, §4 step 1);
+    # 'float': crop the float images as they are (e.g. ImageNet-normalised RGB).
+    oam_pixels: str = "uint8"
     mean_bgr: Sequence[float] = (123.0, 117.0, 104.0)
     adversary: bool = False
     adversary_hidden: int = 0
@@ -146,7 +149,7 @@ class DeML(nn.Module):
                     x, out["oam_features"].astype(jnp.float32), out_size=images.shape[1],
                     num_steps=self.oam_steps, sigma_ratio=self.oam_sigma_ratio,
                     method=self.oam_method, mean_bgr=tuple(self.mean_bgr),
-                    converged=self.oam_converged)
+                    converged=self.oam_converged, pixels=self.oam_pixels)
                 chain.append(oam)
                 x = oam["crops"].astype(images.dtype)
         return self._assemble(outs, chain)
@@ -169,9 +172,17 @@ class DeML(nn.Module):
         return result
 
 
-def build_model(model_config, mean_bgr=(123.0, 117.0, 104.0), diversity="hinge") -> DeML:
-    """Builds :class:`DeML` from ``config.model`` (configs/common.py)."""
+def build_model(model_config, mean_bgr=(123.0, 117.0, 104.0), diversity="hinge",
+                augmentation="caffe") -> DeML:
+    """Builds :class:`DeML` from ``config.model`` (configs/common.py).
+
+    ``augmentation='modern'`` feeds ImageNet-normalised RGB, which has no uint8
+    pixels to rebuild: the crops are then taken from the float images.
+    """
     m = model_config
+    if augmentation != "caffe" and m.oam_method == "host":
+        raise ValueError("config.model.oam_method='host' reproduces Caffe's uint8 pixels and "
+                         "needs config.dataset.augmentation='caffe'")
     dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
     if m.dtype not in dtypes:
         raise ValueError(f"config.model.dtype must be one of {sorted(dtypes)}, got {m.dtype!r}")
@@ -181,5 +192,6 @@ def build_model(model_config, mean_bgr=(123.0, 117.0, 104.0), diversity="hinge")
         channel_attention=m.channel_attention, cam_hidden=m.cam_hidden,
         oam_steps=m.oam_steps, oam_sigma_ratio=m.oam_sigma_ratio,
         oam_method=m.oam_method, oam_converged=m.oam_converged,
-        mean_bgr=tuple(mean_bgr), adversary=diversity == "adversary",
-        adversary_hidden=m.adversary_hidden, dtype=dtypes[m.dtype])
+        oam_pixels="uint8" if augmentation == "caffe" else "float", mean_bgr=tuple(mean_bgr),
+        adversary=diversity == "adversary", adversary_hidden=m.adversary_hidden,
+        dtype=dtypes[m.dtype])
