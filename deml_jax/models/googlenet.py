@@ -18,9 +18,14 @@ Layout: images and feature maps NHWC (CONTRIBUTING.md).  Parameters are float32;
 ``dtype`` is the compute dtype.  LRN and BatchNorm statistics are computed in
 float32 whatever ``dtype`` is.
 
-Speed: the three 1x1 convolutions of an inception block that read the same input
-(1x1, 3x3_reduce, 5x5_reduce) run as ONE convolution on concatenated kernels, then
-the output is split; this is exact and saves two passes over the input.
+Speed (XLA:CPU; experiments/bench/backbone_step.py), all exact:
+* an inception block's three 1x1 convs reading the same input (1x1, 3x3_reduce,
+  5x5_reduce) run as ONE matmul on concatenated kernels (``fuse_1x1``);
+* 1x1 convs are matmuls, so their gradients are matmuls;
+* k>1 convs keep XLA's forward and input gradient but compute the kernel
+  gradient as k*k GEMMs (``conv_weight_grad_fast``), and max pooling has a
+  slice-based VJP with Caffe's first-max routing; XLA:CPU's default versions of
+  these two gradients dominated the naive step.
 """
 from __future__ import annotations
 
