@@ -311,3 +311,13 @@ def test_max_pool_gradient_routes_to_first_max_like_torch(hw, k, s, p):
     (gx,) = vjp(jnp.asarray(dy.transpose(0, 2, 3, 1)))
     chex.assert_trees_all_close((np.asarray(y).transpose(0, 3, 1, 2), np.asarray(gx).transpose(0, 3, 1, 2)),
                                 (yt.detach().numpy(), xt.grad.numpy()), atol=1e-6)
+
+
+def test_unfused_1x1_path_matches_torch(setup):
+    w, params, _, _ = setup
+    x = images(64)
+    model = G.GoogLeNet(variant="bvlc", fuse_1x1=False)
+    out, _ = jax.jit(lambda p, x: model.apply(p, x, stop="inception_3b"))(params, x)
+    ref = torch_bvlc(w, x)["inception_3b"]
+    chex.assert_trees_all_close(np.asarray(out) / np.abs(ref).max(), ref / np.abs(ref).max(),
+                                atol=1e-5, rtol=0)
