@@ -194,25 +194,97 @@ def _mask_bbox(mask):
     return y.astype(jnp.int32), x.astype(jnp.int32), h.astype(jnp.int32), w.astype(jnp.int32)
 
 
-def largest_region_bbox(fg, largest_component: bool = True):
+def _largest_component_mask(fg):
+    """Mask of the largest 8-connected component (pixel count; ties: smallest label)."""
+    b, s, _ = fg.shape
+    labels = connected_components(fg)
+    ids = labels + (jnp.arange(b, dtype=jnp.int32) * (s * s + 1))[:, None, None]
+    counts = jax.ops.segment_sum(fg.reshape(-1).astype(jnp.int32), ids.reshape(-1),
+                                 num_segments=b * (s * s + 1))
+    best = jnp.argmax(counts.reshape(b, s * s + 1)[:, : s * s], axis=1).astype(jnp.int32)
+    return fg & (labels == best[:, None, None])
+
+
+def _row_runs(fg, max_runs: int):
+    """First ``max_runs`` runs of every row: start and end columns ``[B, S, K]``
+    (inclusive, ascending; missing runs have start ``S`` and end ``-1``)."""
+    s = fg.shape[2]
+    nth = jnp.arange(1, max_runs + 1, dtype=jnp.int32)[:, None]  # [K, 1]
+    left = jnp.pad(fg[:, :, :-1], ((0, 0), (0, 0), (1, 0)))
+    right = jnp.pad(fg[:, :, 1:], ((0, 0), (0, 0), (0, 1)))
+
+    def columns(marks):  # column of the k-th mark of each row (S if none)
+        seen = jax.lax.associative_scan(jnp.add, marks.astype(jnp.int32), axis=2)
+        return jnp.sum(seen[:, :, None, :] < nth, axis=3, dtype=jnp.int32)  # cols before it
+
+    start = columns(fg & ~left)
+    return start, jnp.where(start < s, columns(fg & ~right), -1)
+
+
+def _run_graph_bbox(fg, max_runs: int = 8):
+    """Largest 8-connected component's rect, on the graph of row runs.
+
+    Exact when no row holds more than ``max_runs`` runs.  Runs of consecutive
+    rows ``[a0, a1]``, ``[b0, b1]`` touch iff ``b0 <= a1 + 1`` and
+    ``b1 >= a0 - 1``; min-label propagation with pointer jumping over the
+    ``S * K`` run nodes (a few thousand, not ``S * S`` pixels).  Node order is
+    raster order, so ties go to the same component as the pixel labelling.
+    """
+    b, s, _ = fg.shape
+    k, big = max_runs, s * max_runs
+    start, end = _row_runs(fg, max_runs)
+    valid = start < s
+    link = (valid[:, :-1, :, None] & valid[:, 1:, None, :]
+            & (start[:, 1:, None, :] <= end[:, :-1, :, None] + 1)
+            & (end[:, 1:, None, :] >= start[:, :-1, :, None] - 1))  # [B, S-1, K(above), K]
+    pad = lambda x, where_: jnp.pad(x, ((0, 0), where_, (0, 0)), constant_values=big)
+
+    def sweep(labels):
+        above = jnp.min(jnp.where(link, labels[:, :-1, :, None], big), axis=2)
+        below = jnp.min(jnp.where(link, labels[:, 1:, None, :], big), axis=3)
+        new = jnp.minimum(labels, jnp.minimum(pad(above, (1, 0)), pad(below, (0, 1))))
+        flat = new.reshape(b, s * k)
+        jumped = jnp.take_along_axis(flat, jnp.minimum(flat, s * k - 1), axis=1)
+        return jnp.where(valid, jumped.reshape(b, s, k), big)
+
+    index = jnp.arange(s * k, dtype=jnp.int32).reshape(1, s, k)
+    labels = jnp.where(valid, index, big)
+    def body(state):
+        new = sweep(state[0])
+        return new, jnp.any(new != state[0])
+
+    labels, _ = jax.lax.while_loop(lambda state: state[1], body, (labels, jnp.array(True)))
+    sizes = jnp.where(valid, end - start + 1, 0)
+    ids = (labels + (jnp.arange(b, dtype=jnp.int32) * (big + 1))[:, None, None]).reshape(-1)
+    counts = jax.ops.segment_sum(sizes.reshape(-1), ids, num_segments=b * (big + 1))
+    best = jnp.argmax(counts.reshape(b, big + 1)[:, :big], axis=1)
+    chosen = valid & (labels == best[:, None, None])
+    rows = jnp.any(chosen, axis=2)
+    y = jnp.argmax(rows, axis=1)
+    h = s - jnp.argmax(rows[:, ::-1], axis=1) - y
+    x = jnp.min(jnp.where(chosen, start, s), axis=(1, 2))
+    w = jnp.max(jnp.where(chosen, end, -1), axis=(1, 2)) + 1 - x
+    return tuple(v.astype(jnp.int32) for v in (y, x, h, w))
+
+
+def largest_region_bbox(fg, largest_component: bool = True, max_runs: int = 8):
     """Bounding rect ``(y, x, h, w)`` of the largest foreground region (§4 step 8).
 
     ``largest_component=True``: largest 8-connected component by pixel count
-    (ties: smallest label); ``False``: box of all foreground pixels (cheaper,
-    equal whenever the binary map has one component).  Also returns ``found``
-    bool ``[B]`` (False when there is no foreground).
+    (ties: smallest label), on the graph of row runs when no row of the batch
+    holds more than ``max_runs`` runs (:func:`_run_graph_bbox`), else by pixel
+    label propagation (``lax.cond``); ``False``: box of all foreground pixels
+    (cheaper, equal whenever the binary map has one component).  Also returns
+    ``found`` bool ``[B]`` (False when there is no foreground).
     """
-    b, s, _ = fg.shape
-    mask = fg
-    if largest_component:
-        labels = connected_components(fg)
-        ids = labels + (jnp.arange(b, dtype=jnp.int32) * (s * s + 1))[:, None, None]
-        counts = jax.ops.segment_sum(fg.reshape(-1).astype(jnp.int32), ids.reshape(-1),
-                                     num_segments=b * (s * s + 1))
-        counts = counts.reshape(b, s * s + 1)[:, : s * s]
-        best = jnp.argmax(counts, axis=1).astype(jnp.int32)
-        mask = fg & (labels == best[:, None, None])
-    return (*_mask_bbox(mask), jnp.any(fg, axis=(1, 2)))
+    if not largest_component:
+        return (*_mask_bbox(fg), jnp.any(fg, axis=(1, 2)))
+    max_runs = min(max_runs, (fg.shape[2] + 1) // 2)  # a row has at most ceil(S / 2) runs
+    left = jnp.pad(fg[:, :, :-1], ((0, 0), (0, 0), (1, 0)))
+    few_runs = jnp.all(jnp.sum(fg & ~left, axis=2) <= max_runs)
+    rect = jax.lax.cond(few_runs, lambda m: _run_graph_bbox(m, max_runs),
+                        lambda m: _mask_bbox(_largest_component_mask(m)), fg)
+    return (*rect, jnp.any(fg, axis=(1, 2)))
 
 
 # ----------------------------------------------------------------------------- step 9

@@ -12,8 +12,8 @@ import pytest
 
 from deml_jax.ops import proposal_crop_host as host
 from deml_jax.ops.crop import (attention_boxes, connected_components, crop_and_resize,
-                               crop_and_resize_uint8, object_attention_crop, squarify_box,
-                               upsample_like_cv2)
+                               crop_and_resize_uint8, largest_region_bbox, object_attention_crop,
+                               squarify_box, upsample_like_cv2)
 from deml_jax.ops.random_walk import random_walk_attention
 
 MEAN = np.array([123.0, 117.0, 104.0], np.float32)
@@ -74,6 +74,26 @@ def test_connected_components_match_cv2():
         assert np.all(ours[~mask] == mask.size)
     # The snake (needs many propagation steps) and the diagonal pair: 2 components + background.
     assert cv2.connectedComponents(masks[-1].astype(np.uint8), connectivity=8)[0] == 3
+
+
+@pytest.mark.parametrize("max_runs", [8, 1])
+def test_largest_region_bbox_matches_cv2(max_runs):
+    """max_runs=8: the run-graph path; 1: rows with 2+ runs force pixel label propagation.
+    Reference: the stats of cv2's largest 8-connected component."""
+    rng = np.random.default_rng(8)
+    masks = np.stack([cv2.GaussianBlur(rng.normal(size=(40, 40)), (0, 0), rng.uniform(1.0, 4.0))
+                      > rng.uniform(0.0, 0.3) for _ in range(100)])
+    left = np.pad(masks[:, :, :-1], ((0, 0), (0, 0), (1, 0)))
+    assert 1 < np.max(np.sum(masks & ~left, axis=2)) <= 8
+    bbox = jax.jit(largest_region_bbox, static_argnums=(1, 2))
+    y, x, h, w, found = (np.asarray(v) for v in bbox(jnp.asarray(masks), True, max_runs))
+    for i, mask in enumerate(masks):
+        count, _, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8),
+                                                              connectivity=8)
+        assert found[i] == (count > 1)
+        if count > 1:
+            cx, cy, cw, ch, _ = stats[1 + np.argmax(stats[1:, 4])]
+            assert (y[i], x[i], h[i], w[i]) == (cy, cx, ch, cw)
 
 
 # (x, y, w, h, S) -> (y0, x0, y1, x1), worked by hand from §4 step 9.
