@@ -7,8 +7,9 @@ image with ``cv::resize``.  Here every step is a fixed-shape array program:
 * the uint8 bilinear upsample reproduces OpenCV's fixed-point ``INTER_LINEAR``
   (11-bit weights, its vertical rounding, its border rules) bit for bit;
 * the largest contour (by polygon area) is replaced by the largest 8-connected
-  component by pixel count, found by label propagation (§12: same box in
-  300/300 simulated maps; see experiments/bench/oam_agreement.py);
+  component by pixel count, found by label propagation on the graph of row runs
+  (over pixels as a fallback) (§12: same box in 300/300 simulated maps; see
+  experiments/bench/oam_agreement.py);
 * the crop is separable bilinear resampling: two batched matmuls with
   ``[B, out, S]`` interpolation matrices or two gathers (float images,
   :func:`crop_and_resize`), or Caffe's uint8 pixels bit for bit
@@ -35,6 +36,9 @@ RESIZE_COEF_SCALE = 2048
 # Cap on label-propagation sweeps; blob-shaped regions converge in 2-3 (+1 to
 # detect convergence).  Past the cap a winding component may stay split.
 MAX_CC_SWEEPS = 256
+# Runs per row handled by the run-graph components (7 at most seen in tests;
+# more in any row of a batch falls back to pixel label propagation).
+MAX_ROW_RUNS = 8
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -221,7 +225,7 @@ def _row_runs(fg, max_runs: int):
     return start, jnp.where(start < s, columns(fg & ~right), -1)
 
 
-def _run_graph_bbox(fg, max_runs: int = 8):
+def _run_graph_bbox(fg, max_runs: int = MAX_ROW_RUNS):
     """Largest 8-connected component's rect, on the graph of row runs.
 
     Exact when no row holds more than ``max_runs`` runs.  Runs of consecutive
@@ -267,7 +271,7 @@ def _run_graph_bbox(fg, max_runs: int = 8):
     return tuple(v.astype(jnp.int32) for v in (y, x, h, w))
 
 
-def largest_region_bbox(fg, largest_component: bool = True, max_runs: int = 8):
+def largest_region_bbox(fg, largest_component: bool = True, max_runs: int = MAX_ROW_RUNS):
     """Bounding rect ``(y, x, h, w)`` of the largest foreground region (§4 step 8).
 
     ``largest_component=True``: largest 8-connected component by pixel count
