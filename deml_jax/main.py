@@ -9,7 +9,7 @@ and under SLURM/Open MPI; pass ``--coordinator host:port --num_processes N
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -25,6 +25,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
+    if not FLAGS["verbosity"].present:  # library INFO chatter (orbax, tfds) off by default
+        logging.set_verbosity(logging.WARNING)
     import jax
 
     if FLAGS.distributed or FLAGS.coordinator:
