@@ -37,7 +37,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.total_steps = 20_000  # max_iter, §6
-    c.log_every_steps = 20
+    c.log_every_steps = 1  # every step to metrics.jsonl and TensorBoard
     c.eval_every_steps = 500  # snapshot interval, §6
     c.checkpoint_every_steps = 500
     c.keep_checkpoints = 3

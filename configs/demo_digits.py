@@ -26,12 +26,11 @@ def get_config(arg=None):
     common.set_dataset(c, "digits")
     c.dataset.update(image_size=64, crop_size=56, classes_per_device=5, images_per_class=4)
     c.model.update(backbone="tiny", embedding_dim=32)
-    c.total_steps = 200
+    c.total_steps = 600
     c.optim.update(base_lr=1e-3, schedule="cosine", warmup_steps=20, total_steps=c.total_steps,
                    weight_decay=1e-4)
-    c.log_every_steps = 25
-    c.eval_every_steps = 100
-    c.checkpoint_every_steps = 100
+    c.eval_every_steps = 200
+    c.checkpoint_every_steps = 200
     c.parallel.num_devices = 1
     c.eval.batch_size_per_device = 128
     args = common.parse_args(arg)

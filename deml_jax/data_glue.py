@@ -66,6 +66,14 @@ def train_batches(config, start_step: int, num_local_devices: int):
     source = load_source(config, config.dataset.train_split)
     labels = pipeline.labels_of(source)
     num_devices = global_num_devices(config)
+    num_classes = len(np.unique(labels))
+    wanted = config.dataset.classes_per_device * num_devices
+    if wanted > num_classes:  # batches are set per device, so they always divide
+        raise ValueError(
+            f"config.dataset.classes_per_device={config.dataset.classes_per_device} on "
+            f"{num_devices} devices needs {wanted} classes per step, but the "
+            f"{config.dataset.train_split!r} split has {num_classes}: lower it or use fewer "
+            "devices (config.parallel.num_devices)")
     sampler = PKSampler(labels, classes_per_batch=config.dataset.classes_per_device * num_devices,
                         images_per_class=config.dataset.images_per_class,
                         num_devices=num_devices, seed=config.seed)

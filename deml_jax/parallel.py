@@ -28,15 +28,6 @@ AXIS = "data"
 LAUNCHERS = ("pmap", "shard_map")
 
 
-def check_batch_divides(global_batch: int, num_devices: int, what: str = "batch") -> None:
-    """Raises a clear error when a batch does not split evenly over the devices."""
-    if num_devices < 1 or global_batch % num_devices:
-        raise ValueError(
-            f"the global {what} of {global_batch} does not divide over {num_devices} "
-            "devices: make config.dataset.classes_per_device * images_per_class * devices "
-            "consistent, or set config.parallel.num_devices")
-
-
 class PmapLauncher:
     """Runs ``step_fn(state, batch) -> (state, metrics)`` with ``jax.pmap``."""
 

@@ -89,11 +89,6 @@ def test_device_scope_loss_is_the_mean_of_sub_batch_losses():
     assert np.std(per_device) > 0  # the sub-batches really differ
 
 
-def test_batch_must_divide_over_devices():
-    with pytest.raises(ValueError, match="does not divide over 3 devices"):
-        parallel.check_batch_divides(26, 3)
-
-
 def test_unknown_launcher_and_scope_are_named():
     with pytest.raises(ValueError, match="config.parallel.launcher"):
         parallel.make_launcher("pjit", lambda s, b: (s, {}))

@@ -148,6 +148,14 @@ def test_missing_dataset_names_the_prepare_command(tmp_path):
     assert not os.path.exists(tmp_path / "work" / "checkpoints" / "1")
 
 
+def test_a_batch_that_does_not_fit_the_devices_is_refused(data_dir, tmp_path):
+    """2 devices x 3 classes need 6 classes per step; digits' train split has 4."""
+    config = tiny_config(data_dir, **{"parallel.num_devices": 2, "dataset.classes_per_device": 3})
+    with pytest.raises(ValueError, match=r"classes_per_device=3 on 2 devices needs 6 classes"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert not os.path.exists(tmp_path / "checkpoints" / "1")
+
+
 def test_bad_config_values_name_the_key(data_dir):
     for key, value, match in [("parallel.launcher", "pjit", "config.parallel.launcher"),
                               ("model.num_learners", 0, "config.model.num_learners"),

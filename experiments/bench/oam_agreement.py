@@ -26,12 +26,16 @@ and the cheap variant: all-foreground bbox + float crop) vs the host path
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from deml_jax.ops import attention_boxes, object_attention_crop, random_walk_attention
 from deml_jax.ops import proposal_crop_host as host
