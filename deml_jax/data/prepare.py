@@ -8,6 +8,7 @@ image_folder also takes --root DIR and --train_classes a,b,c or
 --train_fraction F --split_seed S (and --config NAME to name the variant);
 digits takes --image_size (default 64) and no manual_dir.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,46 +16,65 @@ import sys
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--dataset', required=True,
-                 help='cub200 | cars196 | sop | inshop | digits | image_folder')
-  p.add_argument('--manual_dir', default=None,
-                 help='folder holding the official archives or extracted files')
-  p.add_argument('--data_dir', required=True, help='TFDS data_dir to write')
-  p.add_argument('--val_classes', type=int, default=0,
-                 help='last N training classes -> class-disjoint "val" split')
-  p.add_argument('--resize_pad', type=int, default=None,
-                 help='offline resize (long side) + centred zero pad, §2.1')
-  p.add_argument('--allow_skip_unreadable', action='store_true',
-                 help='skip and count unreadable images instead of failing')
-  p.add_argument('--config', default=None, help='name of the stored variant')
-  p.add_argument('--image_size', type=int, default=None, help='digits only')
-  p.add_argument('--root', default=None, help='image_folder: class folders')
-  p.add_argument('--train_classes', default=None,
-                 help='image_folder: comma-separated class folder names')
-  p.add_argument('--train_fraction', type=float, default=None)
-  p.add_argument('--split_seed', type=int, default=None)
-  return p.parse_args(argv)
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument(
+        '--dataset', required=True, help='cub200 | cars196 | sop | inshop | digits | image_folder'
+    )
+    p.add_argument(
+        '--manual_dir', default=None, help='folder holding the official archives or extracted files'
+    )
+    p.add_argument('--data_dir', required=True, help='TFDS data_dir to write')
+    p.add_argument(
+        '--val_classes',
+        type=int,
+        default=0,
+        help='last N training classes -> class-disjoint "val" split',
+    )
+    p.add_argument(
+        '--resize_pad',
+        type=int,
+        default=None,
+        help='offline resize (long side) + centred zero pad, §2.1',
+    )
+    p.add_argument(
+        '--allow_skip_unreadable',
+        action='store_true',
+        help='skip and count unreadable images instead of failing',
+    )
+    p.add_argument('--config', default=None, help='name of the stored variant')
+    p.add_argument('--image_size', type=int, default=None, help='digits only')
+    p.add_argument('--root', default=None, help='image_folder: class folders')
+    p.add_argument(
+        '--train_classes', default=None, help='image_folder: comma-separated class folder names'
+    )
+    p.add_argument('--train_fraction', type=float, default=None)
+    p.add_argument('--split_seed', type=int, default=None)
+    return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
-  args = parse_args(argv)
-  from deml_jax.data import builders  # pylint: disable=g-import-not-at-top
-  opts = {'val_classes': args.val_classes, 'resize_pad': args.resize_pad,
-          'allow_skip_unreadable': args.allow_skip_unreadable}
-  for key in ('image_size', 'root', 'train_fraction', 'split_seed'):
-    if getattr(args, key) is not None:
-      opts[key] = getattr(args, key)
-  if args.train_classes:
-    opts['train_classes'] = tuple(args.train_classes.split(','))
-  builder = builders.prepare(args.dataset, args.manual_dir, args.data_dir,
-                             config=args.config, **opts)
-  for split, info in builder.info.splits.items():
-    print(f'{split}: {info.num_examples} images')
-  skipped = sum(len(v) for v in builder.unreadable.values())
-  print(f'written to {builder.data_dir}; unreadable images skipped: {skipped}')
-  return 0
+    args = parse_args(argv)
+    from deml_jax.data import builders  # pylint: disable=g-import-not-at-top
+
+    opts = {
+        'val_classes': args.val_classes,
+        'resize_pad': args.resize_pad,
+        'allow_skip_unreadable': args.allow_skip_unreadable,
+    }
+    for key in ('image_size', 'root', 'train_fraction', 'split_seed'):
+        if getattr(args, key) is not None:
+            opts[key] = getattr(args, key)
+    if args.train_classes:
+        opts['train_classes'] = tuple(args.train_classes.split(','))
+    builder = builders.prepare(
+        args.dataset, args.manual_dir, args.data_dir, config=args.config, **opts
+    )
+    for split, info in builder.info.splits.items():
+        print(f'{split}: {info.num_examples} images')
+    skipped = sum(len(v) for v in builder.unreadable.values())
+    print(f'written to {builder.data_dir}; unreadable images skipped: {skipped}')
+    return 0
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+    sys.exit(main())

@@ -16,94 +16,110 @@ Images of class c at step t: np.random.default_rng((seed, t, c)).choice,
 without replacement, or with replacement when the class has < K images.
 Resuming therefore needs only the step number.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
 
 def _check_positive(**kwargs):
-  for name, value in kwargs.items():
-    if not isinstance(value, (int, np.integer)) or value < 1:
-      raise ValueError(f'{name} must be a positive int; got {value!r}')
+    for name, value in kwargs.items():
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f'{name} must be a positive int; got {value!r}')
 
 
 class PKSampler:
-  """Global and per-host P x K plans of example indices.
+    """Global and per-host P x K plans of example indices.
 
-  Args:
-    labels: int [N], the label of each example of the split (record order).
-    classes_per_batch: P, classes per global step (13 x 2 devices = 26 in the
-      released run, deml-reference.md §2.2); divisible by num_devices.
-    images_per_class: K (2 in the released run).
-    num_devices: devices over all hosts; each gets P / num_devices classes.
-    seed: integer seed of the plan.
-  """
-
-  def __init__(self, labels: np.ndarray, *, classes_per_batch: int,
-               images_per_class: int, num_devices: int, seed: int):
-    _check_positive(classes_per_batch=classes_per_batch,
-                    images_per_class=images_per_class, num_devices=num_devices)
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-      raise ValueError('labels must be a 1-D integer array; got dtype '
-                       f'{labels.dtype} shape {labels.shape}')
-    if classes_per_batch % num_devices:
-      raise ValueError(f'classes_per_batch ({classes_per_batch}) must be '
-                       f'divisible by num_devices ({num_devices})')
-    self.classes = np.unique(labels)
-    if len(self.classes) < classes_per_batch:
-      raise ValueError(f'classes_per_batch ({classes_per_batch}) exceeds the '
-                       f'number of classes ({len(self.classes)})')
-    order = np.argsort(labels, kind='stable')
-    bounds = np.searchsorted(labels[order], self.classes, side='left')
-    self._members = dict(zip(self.classes.tolist(),
-                             np.split(order, bounds[1:])))
-    self.P, self.K = int(classes_per_batch), int(images_per_class)
-    self.num_devices, self.seed = int(num_devices), int(seed)
-    self.classes_per_device = self.P // self.num_devices
-    self.per_device = self.classes_per_device * self.K
-    self.steps_per_pass = len(self.classes) // self.P
-
-  def classes_at(self, step: int) -> np.ndarray:
-    """Class ids [P] of global step `step` (device-major order)."""
-    if step < 0:
-      raise ValueError(f'step must be >= 0; got {step}')
-    pass_idx, pos = divmod(int(step), self.steps_per_pass)
-    perm = np.random.default_rng((self.seed, pass_idx)).permutation(
-        len(self.classes))
-    return self.classes[perm[pos * self.P:(pos + 1) * self.P]]
-
-  def _images(self, step: int, cls: int) -> np.ndarray:
-    members = self._members[int(cls)]
-    rng = np.random.default_rng((self.seed, int(step), int(cls)))
-    return rng.choice(members, self.K, replace=len(members) < self.K)
-
-  def global_plan(self, step: int) -> np.ndarray:
-    """int64 [num_devices, per_device] example indices of step `step`.
-
-    Device d holds classes [d*P/D, (d+1)*P/D) of `classes_at(step)`, each as
-    K adjacent entries (deml-reference.md §2.2 layout).
+    Args:
+      labels: int [N], the label of each example of the split (record order).
+      classes_per_batch: P, classes per global step (13 x 2 devices = 26 in the
+        released run, deml-reference.md §2.2); divisible by num_devices.
+      images_per_class: K (2 in the released run).
+      num_devices: devices over all hosts; each gets P / num_devices classes.
+      seed: integer seed of the plan.
     """
-    idx = np.concatenate([self._images(step, c) for c in self.classes_at(step)])
-    return idx.astype(np.int64).reshape(self.num_devices, self.per_device)
 
-  def host_plan(self, step: int, process_index: int,
-                process_count: int) -> np.ndarray:
-    """int64 [local_devices, per_device]: this host's contiguous device rows.
+    def __init__(
+        self,
+        labels: np.ndarray,
+        *,
+        classes_per_batch: int,
+        images_per_class: int,
+        num_devices: int,
+        seed: int,
+    ):
+        _check_positive(
+            classes_per_batch=classes_per_batch,
+            images_per_class=images_per_class,
+            num_devices=num_devices,
+        )
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(
+                f'labels must be a 1-D integer array; got dtype {labels.dtype} shape {labels.shape}'
+            )
+        if classes_per_batch % num_devices:
+            raise ValueError(
+                f'classes_per_batch ({classes_per_batch}) must be '
+                f'divisible by num_devices ({num_devices})'
+            )
+        self.classes = np.unique(labels)
+        if len(self.classes) < classes_per_batch:
+            raise ValueError(
+                f'classes_per_batch ({classes_per_batch}) exceeds the '
+                f'number of classes ({len(self.classes)})'
+            )
+        order = np.argsort(labels, kind='stable')
+        bounds = np.searchsorted(labels[order], self.classes, side='left')
+        self._members = dict(zip(self.classes.tolist(), np.split(order, bounds[1:])))
+        self.P, self.K = int(classes_per_batch), int(images_per_class)
+        self.num_devices, self.seed = int(num_devices), int(seed)
+        self.classes_per_device = self.P // self.num_devices
+        self.per_device = self.classes_per_device * self.K
+        self.steps_per_pass = len(self.classes) // self.P
 
-    Hosts own equal contiguous blocks of devices (jax.devices() order is
-    process-major); the union over hosts is `global_plan(step)`.
-    """
-    if process_count < 1 or self.num_devices % process_count:
-      raise ValueError(f'num_devices ({self.num_devices}) must be divisible '
-                       f'by process_count ({process_count})')
-    if not 0 <= process_index < process_count:
-      raise ValueError(f'process_index must be in [0, {process_count}); got '
-                       f'{process_index}')
-    local = self.num_devices // process_count
-    # Only this host's classes are materialised (each host builds its slice).
-    cls = self.classes_at(step)[process_index * local * self.classes_per_device:
-                                (process_index + 1) * local *
-                                self.classes_per_device]
-    idx = np.concatenate([self._images(step, c) for c in cls])
-    return idx.astype(np.int64).reshape(local, self.per_device)
+    def classes_at(self, step: int) -> np.ndarray:
+        """Class ids [P] of global step `step` (device-major order)."""
+        if step < 0:
+            raise ValueError(f'step must be >= 0; got {step}')
+        pass_idx, pos = divmod(int(step), self.steps_per_pass)
+        perm = np.random.default_rng((self.seed, pass_idx)).permutation(len(self.classes))
+        return self.classes[perm[pos * self.P : (pos + 1) * self.P]]
+
+    def _images(self, step: int, cls: int) -> np.ndarray:
+        members = self._members[int(cls)]
+        rng = np.random.default_rng((self.seed, int(step), int(cls)))
+        return rng.choice(members, self.K, replace=len(members) < self.K)
+
+    def global_plan(self, step: int) -> np.ndarray:
+        """int64 [num_devices, per_device] example indices of step `step`.
+
+        Device d holds classes [d*P/D, (d+1)*P/D) of `classes_at(step)`, each as
+        K adjacent entries (deml-reference.md §2.2 layout).
+        """
+        idx = np.concatenate([self._images(step, c) for c in self.classes_at(step)])
+        return idx.astype(np.int64).reshape(self.num_devices, self.per_device)
+
+    def host_plan(self, step: int, process_index: int, process_count: int) -> np.ndarray:
+        """int64 [local_devices, per_device]: this host's contiguous device rows.
+
+        Hosts own equal contiguous blocks of devices (jax.devices() order is
+        process-major); the union over hosts is `global_plan(step)`.
+        """
+        if process_count < 1 or self.num_devices % process_count:
+            raise ValueError(
+                f'num_devices ({self.num_devices}) must be divisible '
+                f'by process_count ({process_count})'
+            )
+        if not 0 <= process_index < process_count:
+            raise ValueError(f'process_index must be in [0, {process_count}); got {process_index}')
+        local = self.num_devices // process_count
+        # Only this host's classes are materialised (each host builds its slice).
+        cls = self.classes_at(step)[
+            process_index * local * self.classes_per_device : (process_index + 1)
+            * local
+            * self.classes_per_device
+        ]
+        idx = np.concatenate([self._images(step, c) for c in cls])
+        return idx.astype(np.int64).reshape(local, self.per_device)
