@@ -207,3 +207,24 @@ def test_evaluate_and_export_cli_functions(reference, tmp_path):
     assert all(name for name in features["filenames"])
     from_file = evaluate_features(features, ks=(1, 2, 4, 8))
     np.testing.assert_allclose(from_file["recall@1"], results["recall@1"])
+
+
+def test_pretrained_trunk_initialises_every_branch(data_dir, tmp_path):
+    """config.model.pretrained: each branch trunk starts from the same converted
+    weights (the "3nets" initialisation, §3.2); the rest keeps its own init."""
+    from deml_jax.models.googlenet import GoogLeNet
+    from deml_jax.models.weights import save_converted
+
+    trunk = GoogLeNet().init(jax.random.PRNGKey(7), np.zeros((1, 64, 64, 3), np.float32))
+    path = str(tmp_path / "googlenet_bvlc.npz")
+    save_converted(path, trunk, "bvlc")
+    config = tiny_config(data_dir, **{"model.backbone": "bvlc", "model.pretrained": path,
+                                      "dataset.crop_size": 64, "dataset.image_size": 64})
+    model, tx = train.create_model(config), train.optim.make_optimizer(config.optim)
+    state = train.initial_state(config, model, tx, jax.random.PRNGKey(0))
+    for b in range(2):
+        chex.assert_trees_all_equal(state["params"][f"branch_{b}"]["trunk"], trunk["params"])
+    assert "cam_0" in state["params"]["branch_0"]
+    config.model.backbone = "torchvision_bn"
+    with pytest.raises(ValueError, match="holds 'bvlc' weights"):
+        train.initial_state(config, train.create_model(config), tx, jax.random.PRNGKey(0))
