@@ -23,11 +23,9 @@ def evaluate_checkpoint(config, workdir: str, which: str = "latest", num_picture
     """Returns the test metrics of ``workdir``'s checkpoint; writes JSON and PNGs."""
     from deml_jax import data_glue, logging_lib, train
 
-    state = train.load_trained_state(config, workdir, which)
-    model, devices = train.create_model(config), train.select_devices(config)
+    state, model, devices, embed = train.trained_embedder(config, workdir, which)
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-    evaluator = data_glue.make_evaluator(config, train.make_embed_fn(model, devices)(variables),
-                                         "test", len(devices))
+    evaluator = data_glue.make_evaluator(config, embed, "test", len(devices))
     results = evaluator.run()
     step = int(state["step"])
     if jax.process_index() == 0:

@@ -21,10 +21,7 @@ def export(config, workdir: str, split: str, out: str, which: str = "latest") ->
     from deml_jax.evaluation.evaluator import embed_split
     from deml_jax.evaluation.features import save_features
 
-    state = train.load_trained_state(config, workdir, which)
-    model, devices = train.create_model(config), train.select_devices(config)
-    embed = train.make_embed_fn(model, devices)(
-        {"params": state["params"], "batch_stats": state["batch_stats"]})
+    state, _, devices, embed = train.trained_embedder(config, workdir, which)
     source = data_glue.load_source(config, split)
     batches = pipeline.eval_batches(
         source, batch_size_per_device=config.eval.batch_size_per_device,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import flax.jax_utils
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -114,8 +113,3 @@ def gather_for_loss(x, loss_scope: str, axis: int = 0):
 
 def tree_pmean(tree):
     return jax.tree.map(lambda x: jax.lax.pmean(x, AXIS), tree)
-
-
-def global_norm(tree) -> jnp.ndarray:
-    leaves = jax.tree.leaves(tree)
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))

@@ -48,6 +48,11 @@ def init_state(config, model, tx, rng) -> State:
     }
 
 
+def abstract_state(config, model, tx) -> State:
+    """Shapes and dtypes of the train state, without allocating it."""
+    return jax.eval_shape(lambda: init_state(config, model, tx, jax.random.PRNGKey(0)))
+
+
 def initial_state(config, model, tx, rng) -> State:
     """Scratch state on the host, with pretrained trunks if configured (§3.2 "3nets")."""
     state = jax.tree.map(np.asarray, jax.jit(lambda r: init_state(config, model, tx, r))(rng))
@@ -95,8 +100,8 @@ def make_train_step(model, tx, config):
         grads = parallel.tree_pmean(grads)  # gradients averaged over devices (§2.2)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = dict(aux, grad_norm=parallel.global_norm(grads),
-                       param_norm=parallel.global_norm(params), grl_scale=grl_scale)
+        metrics = dict(aux, grad_norm=logging_lib.tree_norm(grads),
+                       param_norm=logging_lib.tree_norm(params), grl_scale=grl_scale)
         new_state = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1,
                          batch_stats=parallel.tree_pmean(stats))
         return new_state, parallel.tree_pmean(metrics)
@@ -119,8 +124,7 @@ def make_embed_fn(model, devices=None):
 def restore_or_init(config, model, tx, checkpointer) -> tuple[State, int]:
     """Checkpoint in the workdir > pretrained weights > scratch (big_vision's order)."""
     rng = jax.random.PRNGKey(config.seed)
-    abstract = jax.eval_shape(lambda: init_state(config, model, tx, rng))
-    restored = checkpointer.restore_or_none(abstract)
+    restored = checkpointer.restore_or_none(abstract_state(config, model, tx))
     if restored is not None:
         state, _ = restored
         state = jax.tree.map(np.asarray, state)
@@ -240,8 +244,7 @@ def load_trained_state(config, workdir: str, which: str = "latest") -> State:
     """The host state of ``workdir``'s latest or best-on-validation checkpoint."""
     if which not in ("latest", "best"):
         raise ValueError(f"checkpoint must be 'latest' or 'best', got {which!r}")
-    model, tx = create_model(config), optim.make_optimizer(config.optim)
-    abstract = jax.eval_shape(lambda: init_state(config, model, tx, jax.random.PRNGKey(0)))
+    abstract = abstract_state(config, create_model(config), optim.make_optimizer(config.optim))
     best = f"val/{config.eval.best_metric}" if which == "best" else None
     with ckpt_lib.Checkpointer(workdir, best_metric=best) as checkpointer:
         restored = (checkpointer.restore_best(abstract) if which == "best"
@@ -250,3 +253,11 @@ def load_trained_state(config, workdir: str, which: str = "latest") -> State:
         raise FileNotFoundError(f"no {which} checkpoint in {workdir!r}"
                                 + (" (best needs config.dataset.val_split)" if which == "best" else ""))
     return jax.tree.map(np.asarray, restored[0])
+
+
+def trained_embedder(config, workdir: str, which: str = "latest"):
+    """``(state, model, devices, embed)`` for a trained checkpoint (CLIs' common start)."""
+    state = load_trained_state(config, workdir, which)
+    model, devices = create_model(config), select_devices(config)
+    embed = make_embed_fn(model, devices)(_variables(state))
+    return state, model, devices, embed

@@ -24,7 +24,5 @@ local = jax.local_device_count()
 batches = [{k: v[process_id * local:(process_id + 1) * local] for k, v in b.items()}
            for b in tp.synthetic_batches(num_processes * local, 4, tp.STEPS)]
 state, _ = tp.run_steps(tp.tiny_config(loss_scope="device"), batches, jax.local_devices())
-flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
-        for path, v in jax.tree_util.tree_flatten_with_path(state["params"])[0]}
-np.savez(os.path.join(out_dir, f"params_p{process_id}.npz"), **flat)
+np.savez(os.path.join(out_dir, f"params_p{process_id}.npz"), **tp.flatten_tree(state["params"]))
 jax.distributed.shutdown()

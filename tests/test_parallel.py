@@ -16,6 +16,7 @@ import pytest
 
 from configs import common
 from deml_jax import parallel, train
+from deml_jax.models.weights import flatten_tree
 from deml_jax.objective import deml_loss
 from deml_jax.optim import make_optimizer
 
@@ -114,7 +115,6 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path):
         chex.assert_trees_all_equal(multi, dict(z1))  # both hosts hold the same params
     batches = synthetic_batches(4, 4, STEPS)
     single, _ = run_steps(tiny_config(loss_scope="device"), batches, jax.devices()[:4])
-    flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
-            for path, v in jax.tree_util.tree_flatten_with_path(single["params"])[0]}
+    flat = flatten_tree(single["params"])
     # gloo's cross-process all-reduce sums in another order than XLA's in-process one.
     chex.assert_trees_all_close(multi, flat, rtol=1e-4, atol=1e-5)

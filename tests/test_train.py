@@ -46,13 +46,9 @@ def tiny_config(data_dir, **overrides):
 
 
 def final_params(workdir, config):
-    model = train.create_model(config)
-    tx = train.optim.make_optimizer(config.optim)
-    abstract = jax.eval_shape(lambda: train.init_state(config, model, tx, jax.random.PRNGKey(0)))
-    with ckpt_lib.Checkpointer(workdir) as checkpointer:
-        state, _ = checkpointer.restore_or_none(abstract)
+    state = train.load_trained_state(config, workdir)
     assert int(state["step"]) == TOTAL
-    return jax.tree.map(np.asarray, state["params"])
+    return state["params"]
 
 
 @pytest.fixture(scope="module")

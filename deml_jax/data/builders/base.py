@@ -22,7 +22,7 @@ import inspect
 import os
 import tarfile
 import zipfile
-from typing import Callable, Iterator, Mapping, NamedTuple, Sequence
+from typing import Mapping, NamedTuple
 
 import cv2
 import numpy as np
