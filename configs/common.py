@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import ml_collections
 
+from deml_jax.evaluation.metrics import RECALL_KS
 from deml_jax.optim import RELEASED_DECAY_MULTS, RELEASED_LR_MULTS  # §3, §6
 
-# Dataset table: split names, Recall@K sets and evaluation mode (§7, §14.3).
+# Dataset table: split names and evaluation mode (§7, §14.3); the Recall@K sets
+# come from the evaluation package so both always agree.
 DATASETS = {
-    "cub200": dict(train="train", test="test", ks=(1, 2, 4, 8), mode="self"),
-    "cars196": dict(train="train", test="test", ks=(1, 2, 4, 8), mode="self"),
-    "sop": dict(train="train", test="test", ks=(1, 10, 100, 1000), mode="self"),
-    "inshop": dict(train="train", test=("query", "gallery"),
-                   ks=(1, 10, 20, 30, 40, 50), mode="query_gallery"),
+    "cub200": dict(train="train", test="test", ks=RECALL_KS["cub200"], mode="self"),
+    "cars196": dict(train="train", test="test", ks=RECALL_KS["cars196"], mode="self"),
+    "sop": dict(train="train", test="test", ks=RECALL_KS["sop"], mode="self"),
+    "inshop": dict(train="train", test=("query", "gallery"), ks=RECALL_KS["inshop"],
+                   mode="query_gallery"),
     "digits": dict(train="train", test="test", ks=(1, 2, 4, 8), mode="self"),
     "image_folder": dict(train="train", test="test", ks=(1, 2, 4, 8), mode="self"),
 }
