@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from deml_jax.ops import proposal_crop_host as host
-from deml_jax.ops.crop import (attention_boxes, connected_components, crop_and_resize,
-                               crop_and_resize_uint8, largest_region_bbox, object_attention_crop,
-                               squarify_box, upsample_like_cv2)
+from deml_jax.ops.crop import (attention_boxes, crop_and_resize, crop_and_resize_uint8,
+                               object_attention_crop, squarify_box, upsample_like_cv2)
+from deml_jax.ops.regions import connected_components, largest_region_bbox
 from deml_jax.ops.random_walk import random_walk_attention
 
 MEAN = np.array([123.0, 117.0, 104.0], np.float32)
