@@ -24,7 +24,7 @@ def evaluate_checkpoint(config, workdir: str, which: str = "latest", num_picture
     from deml_jax import data_glue, logging_lib, train
 
     state, model, devices, embed = train.trained_embedder(config, workdir, which)
-    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    variables = train.variables_of(state)
     evaluator = data_glue.make_evaluator(config, embed, "test", len(devices))
     results = evaluator.run()
     step = int(state["step"])

@@ -27,14 +27,19 @@ AXIS = "data"
 LAUNCHERS = ("pmap", "shard_map")
 
 
+def pmap_devices(devices):
+    """``devices`` argument for ``jax.pmap``: None when they are all the local
+    devices, which multi-process pmap requires (all local devices, global axis)."""
+    return None if list(devices) == jax.local_devices() else list(devices)
+
+
 class PmapLauncher:
     """Runs ``step_fn(state, batch) -> (state, metrics)`` with ``jax.pmap``."""
 
     def __init__(self, step_fn, devices=None):
         self.devices = list(devices or jax.local_devices())
-        # Multi-process pmap wants devices=None (all local devices, global axis).
-        chosen = None if self.devices == jax.local_devices() else self.devices
-        self._step = jax.pmap(step_fn, axis_name=AXIS, devices=chosen, donate_argnums=(0,))
+        self._step = jax.pmap(step_fn, axis_name=AXIS, devices=pmap_devices(self.devices),
+                              donate_argnums=(0,))
 
     @property
     def num_local_devices(self) -> int:

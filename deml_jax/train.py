@@ -113,11 +113,12 @@ def make_embed_fn(model, devices=None):
     """``bind(variables) -> embed(images [devices, per_device, S, S, 3]) -> [.., E]``."""
     devices = list(devices or jax.local_devices())
     apply = jax.pmap(lambda v, x: model.apply(v, x, train=False)["embedding"],
-                     axis_name=parallel.AXIS, devices=devices)
+                     axis_name=parallel.AXIS, devices=parallel.pmap_devices(devices))
 
     def bind(variables):
         replicated = flax.jax_utils.replicate(variables, devices)
-        return lambda images: np.asarray(apply(replicated, images))
+        # Device arrays: the evaluator fetches them after queueing the next batch.
+        return lambda images: apply(replicated, images)
     return bind
 
 
@@ -142,12 +143,6 @@ def select_devices(config):
                              f"{len(devices)} local devices exist")
         devices = devices[:wanted]
     return devices
-
-
-def _log_line(step: int, metrics: dict) -> str:
-    keys = ("loss", "binomial", "diversity", "adversary", "grad_norm", "images_per_s")
-    parts = [f"{k}={metrics[k]:.4g}" for k in keys if k in metrics]
-    return f"step {step}: " + " ".join(parts)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -182,7 +177,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                       writer, checkpointer, stop_flag, embed, data_glue)
         if state is None or not config.eval.final_test:  # pre-empted: checkpoint saved
             return {}
-        evaluator = data_glue.make_evaluator(config, embed(_variables(state)), "test", len(devices))
+        evaluator = data_glue.make_evaluator(config, embed(variables_of(state)), "test", len(devices))
         results = evaluator.run()
         writer.write_scalars(int(state["step"]), {f"test/{k}": v for k, v in results.items()})
         if primary:
@@ -191,7 +186,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             print(logging_lib.format_table(results, title=f"test @ step {int(state['step'])}"))
             if config.eval.pictures:
                 from deml_jax.evaluate import pictures
-                paths = pictures(config, model, _variables(state), evaluator,
+                paths = pictures(config, model, variables_of(state), evaluator,
                                  os.path.join(workdir, "pictures"), config.eval.num_pictures)
                 logging_lib.log(f"wrote {len(paths)} pictures to {os.path.dirname(paths[0])}")
         return results
@@ -201,7 +196,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         checkpointer.close()
 
 
-def _variables(state):
+def variables_of(state) -> dict:
+    """The model variables ``{params, batch_stats}`` of a train state."""
     return {"params": state["params"], "batch_stats": state["batch_stats"]}
 
 
@@ -209,8 +205,9 @@ def _loop(config, launcher, dstate, batches, start, writer, checkpointer, stop_f
           embed, data_glue):
     """The step loop; returns the final host state, or None when pre-empted."""
     bar = logging_lib.ProgressBar(config.total_steps, start, enabled=jax.process_index() == 0)
-    images_per_step = config.dataset.classes_per_device * config.dataset.images_per_class * (
-        jax.device_count() if not config.parallel.num_devices else config.parallel.num_devices)
+    images_per_step = (config.dataset.classes_per_device * config.dataset.images_per_class
+                       * data_glue.global_num_devices(config))
+    schedule = optim.lr_schedule(config.optim)
     for step in range(start, config.total_steps):
         tic = time.perf_counter()
         dstate, metrics = launcher.step(dstate, next(batches))
@@ -218,21 +215,23 @@ def _loop(config, launcher, dstate, batches, start, writer, checkpointer, stop_f
         done = step + 1
         logging_lib.check_finite(metrics, done)  # raises; the last good checkpoint stays
         metrics["images_per_s"] = images_per_step / (time.perf_counter() - tic)
-        metrics["lr"] = float(optim.lr_schedule(config.optim)(step))
+        metrics["lr"] = float(schedule(step))
         bar.update(done, metrics)
         if done % config.log_every_steps == 0 or done == config.total_steps:
             writer.write_scalars(done, {f"train/{k}": v for k, v in metrics.items()})
         preempted = stop_flag.is_set()
         evaluate = config.dataset.val_split and (
             done % config.eval_every_steps == 0 or done == config.total_steps)
+        save = (done % config.checkpoint_every_steps == 0 or done == config.total_steps
+                or preempted or evaluate)  # an evaluated step is saved for best-tracking
+        host = launcher.get_state(dstate) if save else None  # one device-to-host copy
         val = {}
         if evaluate:
-            host = launcher.get_state(dstate)
-            val = data_glue.evaluate(config, embed(_variables(host)), "val", launcher.num_local_devices)
+            val = data_glue.evaluate(config, embed(variables_of(host)), "val", launcher.num_local_devices)
             val = {f"val/{k}": v for k, v in val.items()}
             writer.write_scalars(done, val)
-        if done % config.checkpoint_every_steps == 0 or done == config.total_steps or preempted or val:
-            checkpointer.save(done, launcher.get_state(dstate), {"step": done}, metrics=val or None)
+        if save:
+            checkpointer.save(done, host, {"step": done}, metrics=val or None)
         if preempted:
             logging_lib.log(f"pre-empted: saved step {done}; rerun the same command to resume")
             checkpointer.wait()
@@ -259,5 +258,5 @@ def trained_embedder(config, workdir: str, which: str = "latest"):
     """``(state, model, devices, embed)`` for a trained checkpoint (CLIs' common start)."""
     state = load_trained_state(config, workdir, which)
     model, devices = create_model(config), select_devices(config)
-    embed = make_embed_fn(model, devices)(_variables(state))
+    embed = make_embed_fn(model, devices)(variables_of(state))
     return state, model, devices, embed
