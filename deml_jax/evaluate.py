@@ -63,11 +63,13 @@ def pictures(config, model, variables, evaluator, out_dir: str, count: int) -> l
     load = lambda role, idx: np.stack([transform(pipeline.decode_bgr(sources[role][int(i)]))
                                        for i in idx])
     q_images = load(q_role, q["indices"][picks])
-    gallery_needed = np.unique(nn[nn >= 0])
-    g_images = np.zeros((len(g["labels"]),) + q_images.shape[1:], np.float32)
-    g_images[gallery_needed] = load(g_role, g["indices"][gallery_needed])
+    # Decode only the shown neighbours (a whole SOP gallery would not fit in memory).
+    shown = np.unique(nn[nn >= 0])
+    g_images = load(g_role, g["indices"][shown])
+    nn = np.where(nn >= 0, np.searchsorted(shown, nn), -1)
     mean = config.dataset.mean_bgr
-    paths = [visualize.retrieval_grid(q_images, g_images, nn, q["labels"][picks], g["labels"],
+    paths = [visualize.retrieval_grid(q_images, g_images, nn, q["labels"][picks],
+                                      g["labels"][shown],
                                       os.path.join(out_dir, "retrieval_grid.png"), k=k,
                                       mean_bgr=mean)]
     out = jax.jit(lambda v, x: model.apply(v, x))(variables, q_images)
