@@ -1,7 +1,7 @@
 """Pictures (PNG): retrieval grids and per-image attention figures.
 
 Images follow the repo convention (CONTRIBUTING.md): float [H, W, 3], BGR,
-mean-subtracted with ``mean_bgr`` (deml-reference.md §2.3); pass
+mean-subtracted with ``mean_bgr`` (docs/reference.md §2.3); pass
 ``mean_bgr=(0, 0, 0)`` for raw BGR pixels in [0, 255].  Drawn with
 matplotlib's object API (Figure + Agg canvas): no pyplot global state, safe in
 a training process.
@@ -110,7 +110,7 @@ def attention_figure(image, attention_map, box, zoomed_inputs, path: str, *,
                      mean_bgr: Sequence[float] = CAFFE_MEAN_BGR, title: str | None = None,
                      cmap: str = "jet", alpha: float = 0.5, dpi: int = DEFAULT_DPI) -> str:
     """The image with its box, the random-walk map as a heat map, the zoomed
-    inputs of branches 2..I (deml-reference.md §4: OAM map -> box -> crop).
+    inputs of branches 2..I (docs/reference.md §4: OAM map -> box -> crop).
 
     Args:
       image: float [H, W, 3], the branch-1 input (convention of the module).

@@ -6,7 +6,7 @@ from PIL import Image
 
 from deml_jax.visualize import WRONG, RIGHT, attention_figure, retrieval_grid, to_rgb_uint8
 
-MEAN = (123.0, 117.0, 104.0)  # deml-reference.md §2.3, (B, G, R)
+MEAN = (123.0, 117.0, 104.0)  # docs/reference.md §2.3, (B, G, R)
 
 
 def _colour_pixels(png, hex_colour, tol=12):

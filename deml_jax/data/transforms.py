@@ -1,9 +1,9 @@
 """Per-image transforms, NumPy/OpenCV on the host.
 
 Input to every transform: uint8 [H, W, 3] in BGR (OpenCV decode, as Caffe,
-deml-reference.md §2.3). Output: float32 [crop, crop, 3].
+docs/reference.md §2.3). Output: float32 [crop, crop, 3].
 
-* `caffe_train` / `caffe_eval`: the released code (deml-reference.md §2.3):
+* `caffe_train` / `caffe_eval`: the released code (docs/reference.md §2.3):
   random 227 crop of the 256 image, mirror w.p. 1/2, BGR minus the released
   means (123, 117, 104) on (B, G, R), scale 1; eval = centre crop, offset
   (H - crop) // 2, no mirror. Output channel order BGR.
@@ -27,7 +27,7 @@ import math
 import cv2
 import numpy as np
 
-# deml-reference.md §2.3: released mean_value 123, 117, 104 on channels
+# docs/reference.md §2.3: released mean_value 123, 117, 104 on channels
 # 0, 1, 2 = B, G, R (swapped relative to BVLC's 104, 117, 123; faithful).
 CAFFE_MEAN_BGR = (123.0, 117.0, 104.0)
 CAFFE_CROP = 227  # §2.3 crop_size

@@ -7,6 +7,7 @@ import importlib
 
 _EXPORTS = {
     "RECALL_KS": "metrics", "retrieval_metrics": "metrics", "ranked_list_stats": "metrics",
+    "DegenerateEvaluationError": "metrics", "check_evaluable": "metrics",
     "knn_search": "knn",
     "clustering_metrics": "clustering", "kmeans": "clustering", "nmi": "clustering",
     "pairwise_f1": "clustering",

@@ -8,7 +8,7 @@ each device ranks its own slice and the per-device results are merged with
 collectives (all-gather of local top-k lists, ``pmax``/``pmin``/``psum`` of
 the per-query first-hit statistics).
 
-Tie rule (deml-reference.md §7, MATLAB's stable ``sort`` in
+Tie rule (docs/reference.md §7, MATLAB's stable ``sort`` in
 ``evaluate_recall.m``): gallery items with *equal* similarity are ranked by
 gallery index, lower index first.  ``lax.top_k`` is index-stable on CPU (checked
 in ``tests/evaluation/test_knn.py``); the merged candidate lists are re-sorted

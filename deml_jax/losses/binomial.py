@@ -1,4 +1,4 @@
-"""Binomial-deviance loss of the released ``BinomialLoss`` layer (deml-reference.md §5.1).
+"""Binomial-deviance loss of the released ``BinomialLoss`` layer (docs/reference.md §5.1).
 
 Also holds the small input helpers shared by the losses of this package
 (safe L2 normalisation, float32 promotion, label/mask checks).

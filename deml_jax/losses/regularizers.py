@@ -1,4 +1,4 @@
-"""BIER-style activation loss and FC row-norm regulariser (deml-reference.md §5.3)."""
+"""BIER-style activation loss and FC row-norm regulariser (docs/reference.md §5.3)."""
 from __future__ import annotations
 
 import jax.numpy as jnp

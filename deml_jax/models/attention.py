@@ -1,4 +1,4 @@
-"""Channel-attention modules (CAM) of DeML (deml-reference.md §3.3).
+"""Channel-attention modules (CAM) of DeML (docs/reference.md §3.3).
 
 Two forms, chosen by ``config.model.channel_attention``:
 

@@ -1,4 +1,4 @@
-"""Object-attention box and crop on device (deml-reference.md §4 steps 5-10, §3.5).
+"""Object-attention box and crop on device (docs/reference.md §4 steps 5-10, §3.5).
 
 The Caffe ``ProposalCrop`` layer turns a random-walk map into a box with OpenCV
 (uint8 quantisation, ``resize``, ``threshold``, ``findContours``) and crops the

@@ -1,7 +1,7 @@
 """Gradient reversal layer (GRL) and its DANN-style scale schedule.
 
 Reproduces the Caffe ``GradientsReverse`` layer of the released code
-(deml-reference.md §9.1), which the authors ship for the paper's "original
+(docs/reference.md §9.1), which the authors ship for the paper's "original
 adversary network"; we use it for the reconstructed adversary (§14.1).
 
 * Forward: identity.
@@ -40,7 +40,7 @@ _reverse.defvjp(_reverse_fwd, _reverse_bwd)
 
 
 def gradient_reversal(x, scale):
-    """Identity forward, ``-scale * g`` backward (deml-reference.md §9.1, §14.1).
+    """Identity forward, ``-scale * g`` backward (docs/reference.md §9.1, §14.1).
 
     Args:
       x: a floating array of any shape and float dtype, or a pytree of them.

@@ -1,6 +1,6 @@
 """Exact host reproduction of Caffe's ``ProposalCrop`` layer (NumPy + OpenCV).
 
-deml-reference.md §4 steps 1-10, followed operation by operation, float32 where
+docs/reference.md §4 steps 1-10, followed operation by operation, float32 where
 Caffe uses ``float`` and float64 where its expression is ``double``.  This is the
 parity reference for the device path in :mod:`deml_jax.ops.crop` and the
 ``method='host'`` option of :func:`deml_jax.ops.object_attention_crop`.

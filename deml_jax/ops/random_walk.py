@@ -1,6 +1,6 @@
 """Random-walk object attention over the positions of a feature map.
 
-deml-reference.md §4 steps 2-4 (Caffe ``ProposalCrop``): a graph whose nodes are
+docs/reference.md §4 steps 2-4 (Caffe ``ProposalCrop``): a graph whose nodes are
 the ``H * W`` positions of a feature map, edge weights = feature distance x
 spatial Gaussian, column-normalised into a transition matrix, and a fixed number
 of power-iteration steps from the uniform distribution.

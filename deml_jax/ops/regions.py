@@ -1,4 +1,4 @@
-"""The largest foreground region's box on device (deml-reference.md §4 step 8).
+"""The largest foreground region's box on device (docs/reference.md §4 step 8).
 
 Caffe keeps the external contour of largest polygon area (``findContours`` +
 ``contourArea``) and takes its ``boundingRect``.  Here: the largest 8-connected

@@ -1,7 +1,7 @@
 """Benchmark: images/s of one GoogLeNet train step, deml_jax (JAX/Flax) vs torch CPU.
 
 Step = forward + backward + optimizer update (Adam by default, lr 1e-5 as in
-deml-reference.md) of a GoogLeNet + 1024->C classifier with softmax cross-entropy:
+docs/reference.md) of a GoogLeNet + 1024->C classifier with softmax cross-entropy:
 
 * jax torchvision_bn: ``GoogLeNet(variant='torchvision_bn', num_classes=C)``, train
   mode (batch-stat BN, dropout), jit with the state donated.

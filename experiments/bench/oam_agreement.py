@@ -3,7 +3,7 @@
 Run:  .venv/bin/python experiments/bench/oam_agreement.py [--synthetic 300] [--repeats 5]
 
 For every feature map both paths compute the crop box of Caffe's ProposalCrop
-(deml-reference.md §4): the device path (``deml_jax.ops.attention_boxes`` after
+(docs/reference.md §4): the device path (``deml_jax.ops.attention_boxes`` after
 ``random_walk_attention``, jit) and the host path
 (``deml_jax.ops.proposal_crop_host``: NumPy + cv2 findContours, bit-faithful to
 Caffe).  Prints the IoU distribution (mean, min, 5th percentile, fraction >= 0.9,

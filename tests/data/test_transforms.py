@@ -20,7 +20,7 @@ def pil_crop(img, h_off, w_off, crop, mirror):
     if mirror:
         pil = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     out = np.asarray(pil).astype(np.float32)
-    out[..., 0] -= 123.0  # B (released means, deml-reference.md §2.3)
+    out[..., 0] -= 123.0  # B (released means, docs/reference.md §2.3)
     out[..., 1] -= 117.0  # G
     out[..., 2] -= 104.0  # R
     return out

@@ -2,7 +2,7 @@
 
 Written independently of deml_jax.evaluation: float64 NumPy, the whole
 similarity matrix, ``np.argsort(kind='stable')`` (ties -> lower gallery index,
-deml-reference.md §7) and plain Python loops for the metrics.
+docs/reference.md §7) and plain Python loops for the metrics.
 """
 import types
 

@@ -1,4 +1,4 @@
-"""binomial_deviance vs plain-Python pair loops in float64 (deml-reference.md §5.1)."""
+"""binomial_deviance vs plain-Python pair loops in float64 (docs/reference.md §5.1)."""
 import math
 
 import chex
@@ -97,8 +97,8 @@ def test_mean_cosines_match_loop():
            for i, k in pairs if labels[i] == labels[k]]
     neg = [np.mean([_cos(y[m, i], y[m, k]) for m in range(3)])
            for i, k in pairs if labels[i] != labels[k]]
-    np.testing.assert_allclose(float(aux["mean_pos_cos"]), np.mean(pos), atol=1e-6)
-    np.testing.assert_allclose(float(aux["mean_neg_cos"]), np.mean(neg), atol=1e-6)
+    np.testing.assert_allclose(float(aux["mean_pos_cos"]), np.mean(pos), atol=1e-5)
+    np.testing.assert_allclose(float(aux["mean_neg_cos"]), np.mean(neg), atol=1e-5)
 
 
 @pytest.mark.parametrize("cfg", [DEML, U512], ids=["cost_neg35", "cost_neg25"])

@@ -69,22 +69,22 @@ def test_hinge_matches_loop(n_learners):
         np.testing.assert_allclose(float(aux[f"hinge_{j}_{k}"]), v, rtol=1e-5)
     cos = [np.dot(_unit(y[j, r]), _unit(y[k, r]))
            for j, k in ref for r in range(y.shape[1])]
-    np.testing.assert_allclose(float(aux["mean_pair_cos"]), np.mean(cos), atol=1e-6)
+    np.testing.assert_allclose(float(aux["mean_pair_cos"]), np.mean(cos), atol=1e-5)
 
 
 def test_hinge_worked_cases():
     x = _learners(1, j=1)[0]
     # Identical learners: d = 0, each pair (1/(2N)) * N * margin^2 = margin^2 / 2 = 2.
     loss, aux = hinge_diversity(jnp.stack([x, 3.0 * x, 0.5 * x]))
-    np.testing.assert_allclose(float(loss), 3 * 2.0, rtol=1e-6)
-    np.testing.assert_allclose(float(aux["mean_pair_cos"]), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(float(loss), 3 * 2.0, rtol=1e-5)
+    np.testing.assert_allclose(float(aux["mean_pair_cos"]), 1.0, rtol=1e-5)
     # Antipodal learners: d = 2 = margin, nothing left.
     loss, _ = hinge_diversity(jnp.stack([x, -x]))
-    np.testing.assert_allclose(float(loss), 0.0, atol=1e-6)
+    np.testing.assert_allclose(float(loss), 0.0, atol=1e-5)
     # Orthogonal unit vectors: d = sqrt(2), (2 - sqrt 2)^2 / 2 per row and pair.
     e = jnp.asarray([[[1.0, 0.0]], [[0.0, 5.0]]])
     loss, _ = hinge_diversity(e, margin=2.0)
-    np.testing.assert_allclose(float(loss), (2 - np.sqrt(2)) ** 2 / 2, rtol=1e-6)
+    np.testing.assert_allclose(float(loss), (2 - np.sqrt(2)) ** 2 / 2, rtol=1e-5)
     # One learner: no pair.
     loss, aux = hinge_diversity(jnp.asarray(x[None]))
     assert float(loss) == 0.0 and float(aux["mean_pair_cos"]) == 0.0
@@ -125,8 +125,8 @@ def test_hinge_mask_equals_dropping_rows_and_bf16():
     f = jax.jit(jax.value_and_grad(lambda v, m: hinge_diversity(v, mask=m), has_aux=True))
     (a, aux_a), g_a = f(jnp.asarray(y), jnp.asarray(keep))
     (b, aux_b), g_b = f(jnp.asarray(y[:, keep]), None)
-    chex.assert_trees_all_close((a, aux_a), (b, aux_b), rtol=1e-6)
-    chex.assert_trees_all_close(g_a[:, keep], g_b, rtol=1e-6)
+    chex.assert_trees_all_close((a, aux_a), (b, aux_b), rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(g_a[:, keep], g_b, rtol=1e-5, atol=1e-5)
     chex.assert_trees_all_equal(g_a[:, ~keep], jnp.zeros_like(g_a[:, ~keep]))
     loss16, _ = hinge_diversity(jnp.asarray(y, jnp.bfloat16))
     assert loss16.dtype == jnp.float32

@@ -24,17 +24,17 @@ def _kernel(seed, n_in=9, n_out=4):
 def test_activation_loss_matches_loop_and_caffe_gradient():
     z = np.random.default_rng(0).normal(size=(6, 5)).astype(np.float32)
     (loss, aux), grad = jax.value_and_grad(activation_loss, has_aux=True)(jnp.asarray(z))
-    np.testing.assert_allclose(float(loss), ref_act(z), rtol=1e-6)
-    np.testing.assert_allclose(float(aux["act"]), ref_act(z), rtol=1e-6)
+    np.testing.assert_allclose(float(loss), ref_act(z), rtol=1e-5)
+    np.testing.assert_allclose(float(aux["act"]), ref_act(z), rtol=1e-5)
     # act_loss.cpp backward with M = 1: 2 / (N C) * z_n.
-    chex.assert_trees_all_close(np.asarray(grad), 2.0 / (6 * 5) * z, rtol=1e-6)
+    chex.assert_trees_all_close(np.asarray(grad), 2.0 / (6 * 5) * z, rtol=1e-5, atol=1e-5)
 
 
 def test_activation_loss_mask_and_bf16():
     z = np.random.default_rng(1).normal(size=(7, 3)).astype(np.float32)
     mask = np.array([1, 0, 1, 1, 0, 1, 1], bool)
     loss, _ = activation_loss(jnp.asarray(z), mask=jnp.asarray(mask))
-    np.testing.assert_allclose(float(loss), ref_act(z, mask), rtol=1e-6)
+    np.testing.assert_allclose(float(loss), ref_act(z, mask), rtol=1e-5)
     loss16, _ = activation_loss(jnp.asarray(z, jnp.bfloat16))
     assert loss16.dtype == jnp.float32
     np.testing.assert_allclose(float(loss16), ref_act(z), rtol=2e-2)

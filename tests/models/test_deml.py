@@ -5,9 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
 from deml_jax.models import DeML
 from deml_jax.models.attention import ChannelAttention
+from test_googlenet import INCEPTIONS, random_caffe_weights, to_flax  # tests/models
 
 
 def _images(batch, size, seed=0):
@@ -57,6 +60,71 @@ def test_deml33_boxes_inside_image_and_deterministic(deml33):
     assert (boxes[..., 2] <= 227).all() and (boxes[..., 3] <= 227).all()
     assert (boxes[..., 2] > boxes[..., 0]).all() and (boxes[..., 3] > boxes[..., 1]).all()
     np.testing.assert_allclose(np.asarray(a["attention"]).sum((-1, -2)), 1.0, rtol=1e-5)
+
+
+def torch_bvlc_deml_branch(weights, cams, w_embed, x_nhwc, cam_after="4b"):
+    """BVLC GoogLeNet in torch (§3.2) with J released CAMs (§3.3) after ``cam_after``;
+    the J masked copies go through the rest of the trunk, are averaged over
+    positions and multiplied by W_b (§3.4). Returns [J, B, D]."""
+    wt = {n: (torch.from_numpy(w).double(), torch.from_numpy(b).double())
+          for n, (w, b) in weights.items()}
+    conv = lambda x, n, p=0, s=1: F.relu(F.conv2d(x, *wt[n], stride=s, padding=p))
+    lrn = torch.nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)
+    pool = torch.nn.MaxPool2d(3, 2, ceil_mode=True)
+    ppool = torch.nn.MaxPool2d(3, 1, padding=1, ceil_mode=True)
+
+    def inception(x, t):
+        p = f"inception_{t}/"
+        return torch.cat([conv(x, p + "1x1"), conv(conv(x, p + "3x3_reduce"), p + "3x3", 1),
+                          conv(conv(x, p + "5x5_reduce"), p + "5x5", 2),
+                          conv(ppool(x), p + "pool_proj")], 1)
+
+    x = torch.from_numpy(np.asarray(x_nhwc, np.float64)).permute(0, 3, 1, 2)
+    x = lrn(pool(conv(x, "conv1/7x7_s2", 3, 2)))
+    x = pool(lrn(conv(conv(x, "conv2/3x3_reduce"), "conv2/3x3", 1)))
+    streams = [x]
+    for t in INCEPTIONS:
+        streams = [inception(s, t) for s in streams]
+        if t in ("3b", "4e"):
+            streams = [pool(s) for s in streams]
+        if t == cam_after:
+            h = streams[0]
+            streams = []
+            for cam in cams:
+                k1 = torch.from_numpy(np.asarray(cam["reduce"]["kernel"], np.float64))
+                k2 = torch.from_numpy(np.asarray(cam["expand"]["kernel"], np.float64))
+                u = F.relu(F.conv2d(h, k1.permute(3, 2, 0, 1),
+                                    torch.from_numpy(np.asarray(cam["reduce"]["bias"],
+                                                                np.float64))))
+                a = torch.sigmoid(F.conv2d(u, k2.permute(3, 2, 0, 1),
+                                           torch.from_numpy(np.asarray(cam["expand"]["bias"],
+                                                                       np.float64))))
+                streams.append(a * h)
+    w = torch.from_numpy(np.asarray(w_embed, np.float64))
+    return np.stack([(s.mean((2, 3)) @ w).numpy() for s in streams])
+
+
+def test_cam_sits_after_inception_4b_in_bvlc_network(deml33):
+    """§3.3: the CAMs mask ``inception_4b``'s output in the full BVLC network.
+    Reference: a torch BVLC forward (float64) with the CAMs applied after 4b;
+    the same forward with the CAMs after 4a or 4c is far off. Reuses the
+    compiled DeML(3,3) with branch 1's trunk replaced by test_googlenet's
+    random Caffe weights and CAM biases that switch channels off per learner."""
+    _, variables, apply, x = deml33
+    weights = random_caffe_weights(seed=2)
+    params = jax.tree.map(np.array, variables["params"])
+    bp = params["branch_0"]
+    bp["trunk"] = to_flax(weights)
+    for j in range(3):
+        bp[f"cam_{j}"]["expand"]["bias"][j::3] = -4.0
+    got = np.asarray(apply({"params": params}, x)["embeddings"][0], np.float64)
+    cams = [bp[f"cam_{j}"] for j in range(3)]
+    want = torch_bvlc_deml_branch(weights, cams, bp["embed"]["kernel"], np.asarray(x), "4b")
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(got / scale, want / scale, atol=1e-4, rtol=0)
+    # The test can fail: with the CAMs one block later the embeddings are far off.
+    other = torch_bvlc_deml_branch(weights, cams, bp["embed"]["kernel"], np.asarray(x), "4c")
+    assert np.abs(other - want).max() / scale > 1e-2
 
 
 def test_deml33_crops_carry_no_gradient(deml33):

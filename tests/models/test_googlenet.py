@@ -1,6 +1,6 @@
 """GoogLeNet 'bvlc' vs an independent torch build of the Caffe layers (§3.2).
 
-The reference below is written from deml-reference.md §3.2 with torch ops
+The reference below is written from docs/reference.md §3.2 with torch ops
 (F.conv2d, nn.LocalResponseNorm, nn.MaxPool2d(ceil_mode=True)), not from our
 module; random weights are generated in Caffe layout (OIHW, Caffe layer names)
 and moved into the Flax tree by this file's own rename/transpose.
@@ -310,7 +310,7 @@ def test_max_pool_gradient_routes_to_first_max_like_torch(hw, k, s, p):
     y, vjp = jax.vjp(lambda a: G.max_pool_ceil(a, k, s, p), jnp.asarray(x.transpose(0, 2, 3, 1)))
     (gx,) = vjp(jnp.asarray(dy.transpose(0, 2, 3, 1)))
     chex.assert_trees_all_close((np.asarray(y).transpose(0, 3, 1, 2), np.asarray(gx).transpose(0, 3, 1, 2)),
-                                (yt.detach().numpy(), xt.grad.numpy()), atol=1e-6)
+                                (yt.detach().numpy(), xt.grad.numpy()), atol=1e-5)
 
 
 def test_unfused_1x1_path_matches_torch(setup):

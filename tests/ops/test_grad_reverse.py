@@ -24,7 +24,7 @@ def test_grad_is_minus_scale_times_identity_grad(scale):
     x = jnp.linspace(-1.0, 2.0, 10).reshape(2, 5)
     g = jax.grad(lambda v: _cubic(gradient_reversal(v, scale)))(x)
     expected = -scale * 3.0 * np.asarray(x) ** 2
-    chex.assert_trees_all_close(g, expected, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(g, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_scale_gets_zero_cotangent():
@@ -59,7 +59,7 @@ def test_changing_scale_under_jit_does_not_retrace():
     x = jnp.ones((4,))
     for scale in [0.0, 0.1, 0.5, 0.99]:
         out = step(x, jnp.float32(scale))
-        chex.assert_trees_all_close(out, -3.0 * scale * np.ones(4), atol=1e-7)
+        chex.assert_trees_all_close(out, -3.0 * scale * np.ones(4), atol=1e-5)
 
 
 def test_bad_inputs():
@@ -93,4 +93,4 @@ def test_dann_lambda_traced_step():
     f = jax.jit(lambda s: dann_lambda(s, 1000))
     vals = np.array([float(f(jnp.int32(s))) for s in (0, 100, 400)])
     ref = np.array([_dann_by_hand(s, 1000) for s in (0, 100, 400)])
-    chex.assert_trees_all_close(vals, ref, atol=1e-6)
+    chex.assert_trees_all_close(vals, ref, atol=1e-5)

@@ -1,4 +1,4 @@
-"""Random-walk attention vs a plain float64 loop reference (deml-reference.md §4 steps 2-4)."""
+"""Random-walk attention vs a plain float64 loop reference (docs/reference.md §4 steps 2-4)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""CUB-200-2011 builder, zero-shot split (deml-reference.md §2.1).
+"""CUB-200-2011 builder, zero-shot split (docs/reference.md §2.1).
 
 Manual dir: the extracted `CUB_200_2011/` folder (or `CUB_200_2011.tgz`),
 with images.txt, image_class_labels.txt, classes.txt and images/.
@@ -12,7 +12,7 @@ import os
 
 from deml_jax.data.builders import base
 
-# Standard zero-shot split (deml-reference.md §2.1): first 100 classes train.
+# Standard zero-shot split (docs/reference.md §2.1): first 100 classes train.
 NUM_TRAIN_CLASSES = 100
 
 
@@ -26,7 +26,7 @@ class DemlCub200(base.DemlBuilder):
         'image_class_labels.txt, classes.txt, images/) or CUB_200_2011.tgz in '
         'manual_dir.'
     )
-    # (classes, images) per split, deml-reference.md §2.1 (5864 / 5924).
+    # (classes, images) per split, docs/reference.md §2.1 (5864 / 5924).
     EXPECTED_COUNTS = {'train': (100, 5864), 'test': (100, 5924)}
 
     def _list_splits(self, manual_dir):
