@@ -9,29 +9,37 @@ object-attention box, the random-walk map, the zoomed inputs of branches 2..I).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 
 
-def evaluate_checkpoint(config, workdir: str, which: str = "latest", num_pictures: int = 8):
-    """Returns the test metrics of ``workdir``'s checkpoint; writes JSON and PNGs."""
-    from deml_jax import data_glue, logging_lib, train
+def evaluate_checkpoint(config, workdir: str, which: str = "latest", num_pictures: int = 8,
+                        *, allow_config_change=()):
+    """Returns the test metrics of ``workdir``'s checkpoint; writes JSON and PNGs.
 
-    state, model, devices, embed = train.trained_embedder(config, workdir, which)
+    Only reads the checkpoints (no lock: runs beside a training run); refuses a
+    config whose model or data differ from the workdir's ``config.json`` unless
+    the keys are in ``allow_config_change``.
+    """
+    from deml_jax import data_glue, json_util, logging_lib, train
+
+    state, model, devices, embed = train.trained_embedder(
+        config, workdir, which, allow_config_change=allow_config_change)
     variables = train.variables_of(state)
     evaluator = data_glue.make_evaluator(config, embed, "test", len(devices))
     results = evaluator.run()
     step = int(state["step"])
     if jax.process_index() == 0:
         path = os.path.join(workdir, f"eval_{which}_{step}.json")
-        with open(path, "w") as f:
-            json.dump({"step": step, "checkpoint": which, "test": results}, f, indent=2)
+        json_util.dump({"step": step, "checkpoint": which, "test": results}, path)
         print(logging_lib.format_table(results, title=f"test @ step {step} ({which})"))
         if num_pictures:
             pictures(config, model, variables, evaluator, os.path.join(workdir, "pictures"),
@@ -85,7 +93,27 @@ def pictures(config, model, variables, evaluator, out_dir: str, count: int) -> l
 def main(argv):
     del argv
     FLAGS = flags.FLAGS
-    evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.num_pictures)
+    if not FLAGS["verbosity"].present:  # library INFO chatter (orbax, tfds) off by default
+        logging.set_verbosity(logging.WARNING)
+    with cli_errors("evaluate"):
+        evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.num_pictures,
+                            allow_config_change=FLAGS.allow_config_change)
+
+
+@contextlib.contextmanager
+def cli_errors(command: str):
+    """Expected failures (missing workdir, unreadable checkpoints, a refused
+    config change, a held lock) end the program with one line, no traceback."""
+    from deml_jax import checkpoint, workdir
+    from deml_jax.evaluation.metrics import DegenerateEvaluationError
+
+    try:
+        yield
+    except (FileNotFoundError, checkpoint.CheckpointUnreadableError,
+            checkpoint.CheckpointMismatchError, checkpoint.CheckpointWriteError,
+            workdir.ConfigChangeError, workdir.WorkdirLockedError,
+            DegenerateEvaluationError) as err:
+        sys.exit(f"{command}: error: {err}")
 
 
 def _define_flags():
@@ -94,9 +122,18 @@ def _define_flags():
     flags.DEFINE_string("workdir", None, "The training workdir (holds checkpoints/).")
     flags.DEFINE_enum("checkpoint", "latest", ["latest", "best"], "Which checkpoint to evaluate.")
     flags.DEFINE_integer("num_pictures", 8, "Queries in the grid and attention figures (0 = none).")
+    flags.DEFINE_list("allow_config_change", [], "Config keys (or group.*) allowed to differ "
+                      "from the workdir's config.json.")
     flags.mark_flags_as_required(["config", "workdir"])
 
 
-if __name__ == "__main__":
+def run():
+    """Console script ``deml-evaluate`` (pyproject.toml) = ``python -m deml_jax.evaluate``."""
+    from deml_jax import config_lib
+
     _define_flags()
-    app.run(main)
+    config_lib.run_absl_cli(main, __doc__)
+
+
+if __name__ == "__main__":
+    run()

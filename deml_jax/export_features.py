@@ -8,12 +8,14 @@ format of :mod:`deml_jax.evaluation.features`; evaluate them later with
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 
 
-def export(config, workdir: str, split: str, out: str, which: str = "latest") -> str:
+def export(config, workdir: str, split: str, out: str, which: str = "latest", *,
+           allow_config_change=()) -> str:
+    """Embeds ``split`` with ``workdir``'s checkpoint into ``out``; only reads the workdir."""
     import jax
 
     from deml_jax import data_glue, train
@@ -21,7 +23,8 @@ def export(config, workdir: str, split: str, out: str, which: str = "latest") ->
     from deml_jax.evaluation.evaluator import embed_split
     from deml_jax.evaluation.features import save_features
 
-    state, _, devices, embed = train.trained_embedder(config, workdir, which)
+    state, _, devices, embed = train.trained_embedder(
+        config, workdir, which, allow_config_change=allow_config_change)
     source = data_glue.load_source(config, split)
     batches = pipeline.eval_batches(
         source, batch_size_per_device=config.eval.batch_size_per_device,
@@ -40,7 +43,13 @@ def export(config, workdir: str, split: str, out: str, which: str = "latest") ->
 def main(argv):
     del argv
     FLAGS = flags.FLAGS
-    print(export(FLAGS.config, FLAGS.workdir, FLAGS.split, FLAGS.out, FLAGS.checkpoint))
+    if not FLAGS["verbosity"].present:  # library INFO chatter (orbax, tfds) off by default
+        logging.set_verbosity(logging.WARNING)
+    from deml_jax.evaluate import cli_errors
+
+    with cli_errors("export_features"):
+        print(export(FLAGS.config, FLAGS.workdir, FLAGS.split, FLAGS.out, FLAGS.checkpoint,
+                     allow_config_change=FLAGS.allow_config_change))
 
 
 def _define_flags():
@@ -50,9 +59,18 @@ def _define_flags():
     flags.DEFINE_string("split", "test", "Dataset split to embed (e.g. test, val, query, gallery).")
     flags.DEFINE_string("out", None, "Output .npz path.")
     flags.DEFINE_enum("checkpoint", "latest", ["latest", "best"], "Which checkpoint to use.")
+    flags.DEFINE_list("allow_config_change", [], "Config keys (or group.*) allowed to differ "
+                      "from the workdir's config.json.")
     flags.mark_flags_as_required(["config", "workdir", "out"])
 
 
-if __name__ == "__main__":
+def run():
+    """Console script ``deml-export`` (pyproject.toml) = ``python -m deml_jax.export_features``."""
+    from deml_jax import config_lib
+
     _define_flags()
-    app.run(main)
+    config_lib.run_absl_cli(main, __doc__)
+
+
+if __name__ == "__main__":
+    run()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -108,7 +109,7 @@ def read_metrics(workdir) -> list[dict]:
     return rows
 
 
-def _tensorboard_writer(logdir: Path):
+def _tensorboard_writer(logdir: Path, purge_step: int | None = None):
     """A ``tensorboardX.SummaryWriter``, or None (warned once) if unavailable."""
     global _warned_no_tensorboard
     try:
@@ -119,18 +120,70 @@ def _tensorboard_writer(logdir: Path):
                         err, METRICS_FILE)
             _warned_no_tensorboard = True
         return None
-    return SummaryWriter(logdir=str(logdir), flush_secs=30)
+    return SummaryWriter(logdir=str(logdir), flush_secs=30, purge_step=purge_step)
+
+
+def repair_metrics(path, resume_step: int | None = None) -> int:
+    """Makes ``path`` (a ``metrics.jsonl``) safe to append to; returns rows dropped.
+
+    A partial last line (a kill during a write) is cut off (or, if it is a
+    complete row that lacks only its newline, terminated).  With
+    ``resume_step``, rows of steps after it (logged after the last checkpoint
+    by a run that was then killed; the resumed run logs them again) are
+    dropped, so each step appears once.  The file is replaced atomically.
+    """
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return 0
+    data = path.read_bytes()
+    dropped = 0
+    if not data.endswith(b"\n"):
+        head, _, last = data.rpartition(b"\n")
+        try:
+            json.loads(last.decode("utf-8"))
+            data += b"\n"
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            _logger.warning("%s: cut off a partial last line (%d bytes) left by an "
+                            "interrupted write", path, len(last))
+            data = head + b"\n" if head else b""
+            dropped += 1
+    if resume_step is not None:
+        kept, late = [], 0
+        for line in data.splitlines(keepends=True):
+            try:
+                row = json.loads(line)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                kept.append(line)  # read_metrics reports it with its line number
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and (
+                    row["step"] > resume_step):
+                late += 1
+                continue
+            kept.append(line)
+        if late:
+            _logger.warning("%s: dropped %d row(s) of steps after %d, the step this run "
+                            "resumes from (they are logged again)", path, late, resume_step)
+            data = b"".join(kept)
+            dropped += late
+    if data != path.read_bytes():
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    return dropped
 
 
 class MetricWriter:
     """Writes scalars to ``workdir/metrics.jsonl`` and TensorBoard (primary host only).
 
-    Appends to an existing ``metrics.jsonl`` (a resumed run continues it).
-    Non-primary hosts (``is_primary=False``) create and write nothing.
+    Appends to an existing ``metrics.jsonl`` (a resumed run continues it)
+    after :func:`repair_metrics`: a partial last line is cut off and, with
+    ``resume_step``, rows after that step are dropped (TensorBoard is told to
+    purge them too).  Non-primary hosts (``is_primary=False``) create and
+    write nothing.
     """
 
     def __init__(self, workdir, *, is_primary: bool = True,
-                 tensorboard: bool = True):
+                 tensorboard: bool = True, resume_step: int | None = None):
         self.is_primary = bool(is_primary)
         self.workdir = Path(workdir)
         self._jsonl: TextIO | None = None
@@ -138,27 +191,33 @@ class MetricWriter:
         if not self.is_primary:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
+        repair_metrics(self.workdir / METRICS_FILE, resume_step)
         self._jsonl = open(self.workdir / METRICS_FILE, "a", encoding="utf-8")
         if tensorboard:
-            self._tb = _tensorboard_writer(self.workdir / TENSORBOARD_DIR)
+            self._tb = _tensorboard_writer(
+                self.workdir / TENSORBOARD_DIR,
+                purge_step=None if resume_step is None else resume_step + 1)
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         """One JSONL line ``{"step": step, **scalars}`` (flushed) + TB scalars.
 
-        Values: numbers or size-1 arrays (jax arrays are fetched). NaN/Inf are
-        written as JSON ``NaN``/``Infinity``; use :func:`check_finite` to stop.
+        Values: numbers or size-1 arrays (jax arrays are fetched), or None (a
+        metric that could not be computed, e.g. a degenerate evaluation split:
+        JSON ``null``, not written to TensorBoard). NaN/Inf are written as JSON
+        ``NaN``/``Infinity``; use :func:`check_finite` to stop.
         """
         step = _step(step)
         if "step" in scalars:
             raise ValueError("scalars must not contain the reserved key 'step'")
-        values = {str(k): _scalar(k, v) for k, v in scalars.items()}
+        values = {str(k): None if v is None else _scalar(k, v) for k, v in scalars.items()}
         if not self.is_primary:
             return
         self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
             for name, value in values.items():
-                self._tb.add_scalar(name, value, step)
+                if value is not None:
+                    self._tb.add_scalar(name, value, step)
 
     def write_text(self, step: int, name: str, text: str) -> None:
         """A text entry: TensorBoard text and a line of ``workdir/text.jsonl``."""

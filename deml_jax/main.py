@@ -5,6 +5,10 @@ unknown key is an error that names it.  Multi-host runs (TPU pods, GPU
 clusters) call ``jax.distributed.initialize()`` first: automatic on TPU pods
 and under SLURM/Open MPI; pass ``--coordinator host:port --num_processes N
 --process_id I`` elsewhere.
+
+Config arguments (``--config configs/demo_digits.py:googlenet``) are listed on
+the ``Args:`` line of each config file's docstring; ``--config FILE --help``
+prints it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (mult
 flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-host, optional).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host, optional).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host, optional).")
+flags.DEFINE_list("allow_config_change", [], "On resume: config keys (or group.*) allowed "
+                  "to differ from the workdir's config.json (model-shape keys never are).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -34,9 +40,19 @@ def main(argv):
                                    num_processes=FLAGS.num_processes,
                                    process_id=FLAGS.process_id)
     from deml_jax import train
+    from deml_jax.evaluate import cli_errors
 
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    with cli_errors("train"):  # a held lock, a refused config change: one line, exit 1
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir,
+                                 allow_config_change=FLAGS.allow_config_change)
+
+
+def run():
+    """Console script ``deml-train`` (pyproject.toml) = ``python -m deml_jax.main``."""
+    from deml_jax import config_lib
+
+    config_lib.run_absl_cli(main, __doc__)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -26,7 +26,7 @@ def make_state(step: int, *, frozen=()):
         "kernel": jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32),
         "bias": jnp.asarray(rng.normal(size=(4,)), jnp.float32)}},
         "embed": {"kernel": jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)}}}
-    tx = optim.make_optimizer(optim.default_config(frozen=frozen))
+    tx = optim.make_optimizer(optim.default_config(frozen=frozen), total_steps=20_000)
     opt_state = tx.init(params)
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
     for _ in range(2):  # non-trivial moments and counts
