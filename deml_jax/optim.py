@@ -1,6 +1,6 @@
 """Caffe-faithful optimiser: coupled L2 -> Adam -> per-parameter learning rates.
 
-What the released solver does each iteration (deml-reference.md §5.4, §6):
+What the released solver does each iteration (docs/reference.md §5.4, §6):
 
 1. gradients averaged over GPUs (done by the train step, not here);
 2. ``Regularize``: ``g += weight_decay * decay_mult * theta`` (coupled L2, not AdamW);
@@ -22,6 +22,7 @@ no Adam moments.  Every state is a plain pytree of arrays (orbax-saveable).
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from typing import Any, NamedTuple, Sequence
 
@@ -32,9 +33,12 @@ import optax
 
 Rules = Sequence[tuple[str, float]]
 
-# Learning-rate multipliers of the released prototxt (deml-reference.md §3.1,
+# Learning-rate multipliers of the released prototxt (docs/reference.md §3.1,
 # §3.3, §3.4, §6): trunk conv weights 1 and biases 2, CAM weights 10 and biases
 # 20, branch FC W_b 10.  The adversary (§14.1) is ours: as fast as the CAMs.
+# The MHN-form adversary (related-methods.md §1.3, ours too) takes 10 on every
+# parameter (kernels, bias, BN scale/bias), the multiplier of the other new
+# layers' weights (CAM, W_b); our choice.  Its kernels are decayed, BN scales not.
 # '(^|/)' lets a group sit at the top of the tree ('adversary/pair_0_1/kernel')
 # or under a prefix ('params/...'); ".*/adversary/" would miss the former.
 # The same table is written in configs/common.py; keep the two equal.
@@ -44,6 +48,7 @@ RELEASED_LR_MULTS: tuple[tuple[str, float], ...] = (
     (r"(^|/)embed/kernel$", 10.0),
     (r"(^|/)adversary/.*kernel$", 10.0),
     (r"(^|/)adversary/.*bias$", 20.0),
+    (r"(^|/)adversary_mhn/", 10.0),
     (r"bias$", 2.0),
 )
 # Caffe decays weights only: decay_mult 1 on weights, 0 on biases (§3.1, §5.4).
@@ -52,11 +57,13 @@ DEFAULT_LR_MULT = 1.0  # Caffe ParamSpec.lr_mult default
 DEFAULT_DECAY_MULT = 0.0  # unmatched params (biases) are not decayed, §5.4
 
 SCHEDULES = ("step", "cosine", "constant")
+# Error messages name keys as the user writes them (``--config.optim.base_lr``).
+PREFIX = "config.optim."
 
 
 def default_config(*, base_lr: float = 1e-5, schedule: str = "step",
                    step_size: int = 15_000, gamma: float = 0.8,
-                   warmup_steps: int = 0, total_steps: int = 20_000,
+                   warmup_steps: int = 0,
                    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                    weight_decay: float = 2e-4, caffe_adam_eps: bool = True,
                    lr_mults: Rules = RELEASED_LR_MULTS,
@@ -65,12 +72,14 @@ def default_config(*, base_lr: float = 1e-5, schedule: str = "step",
     """The released DeML(3,3) solver (solver_DeML3-3_512.prototxt, §6).
 
     base_lr 1e-5, lr_policy step with gamma 0.8 every 15000 iterations,
-    max_iter 20000, momentum 0.9, momentum2 0.999, delta 1e-8 (caffe.proto
-    default), weight_decay 2e-4 with L2 regularisation.
+    momentum 0.9, momentum2 0.999, delta 1e-8 (caffe.proto
+    default), weight_decay 2e-4 with L2 regularisation.  The run length
+    (max_iter 20000) is not here: it is ``config.total_steps``, the one source
+    of truth, passed to :func:`lr_schedule` / :func:`make_optimizer`.
     """
     return ml_collections.ConfigDict(dict(
         base_lr=base_lr, schedule=schedule, step_size=step_size, gamma=gamma,
-        warmup_steps=warmup_steps, total_steps=total_steps, b1=b1, b2=b2,
+        warmup_steps=warmup_steps, b1=b1, b2=b2,
         eps=eps, weight_decay=weight_decay, caffe_adam_eps=caffe_adam_eps,
         lr_mults=tuple(lr_mults), decay_mults=tuple(decay_mults),
         frozen=tuple(frozen)))
@@ -83,19 +92,19 @@ def _get(config, key: str):
     try:
         return config[key]
     except (KeyError, AttributeError):
-        raise ValueError(f"optimiser config is missing key {key!r}") from None
+        raise ValueError(f"{PREFIX[:-1]} is missing key {key!r}") from None
 
 
 def _number(config, key: str, *, low: float, high: float = math.inf,
             low_open: bool = False, high_open: bool = False) -> float:
     value = _get(config, key)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"config.{key} must be a number, got {value!r}")
+        raise ValueError(f"{PREFIX}{key} must be a number, got {value!r}")
     too_low = value <= low if low_open else value < low
     too_high = value >= high if high_open else value > high
     if not math.isfinite(value) or too_low or too_high:
         lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-        raise ValueError(f"config.{key} must be in {lo}{low}, {high}{hi}, "
+        raise ValueError(f"{PREFIX}{key} must be in {lo}{low}, {high}{hi}, "
                          f"got {value!r}")
     return float(value)
 
@@ -103,7 +112,7 @@ def _number(config, key: str, *, low: float, high: float = math.inf,
 def _int(config, key: str, *, low: int) -> int:
     value = _get(config, key)
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"config.{key} must be an int >= {low}, got {value!r}")
+        raise ValueError(f"{PREFIX}{key} must be an int >= {low}, got {value!r}")
     return value
 
 
@@ -111,18 +120,18 @@ def _rules(config, key: str) -> tuple[tuple[str, float], ...]:
     """Validates ``((regex, float), ...)`` and returns it as a tuple."""
     value = _get(config, key)
     if isinstance(value, str) or not isinstance(value, (tuple, list)):
-        raise ValueError(f"config.{key} must be a tuple of (regex, float) "
+        raise ValueError(f"{PREFIX}{key} must be a tuple of (regex, float) "
                          f"pairs, got {value!r}")
     out = []
     for rule in value:
         ok = isinstance(rule, (tuple, list)) and len(rule) == 2
         if not ok or not isinstance(rule[0], str) or isinstance(
                 rule[1], bool) or not isinstance(rule[1], (int, float)):
-            raise ValueError(f"config.{key} entries must be (regex, float) "
+            raise ValueError(f"{PREFIX}{key} entries must be (regex, float) "
                              f"pairs, got {rule!r}")
         _compile(key, rule[0])
         if not math.isfinite(rule[1]) or rule[1] < 0:
-            raise ValueError(f"config.{key} multiplier for {rule[0]!r} must "
+            raise ValueError(f"{PREFIX}{key} multiplier for {rule[0]!r} must "
                              f"be finite and >= 0, got {rule[1]!r}")
         out.append((rule[0], float(rule[1])))
     return tuple(out)
@@ -132,7 +141,7 @@ def _frozen(config) -> tuple[str, ...]:
     value = _get(config, "frozen")
     if isinstance(value, str) or not isinstance(value, (tuple, list)) or not all(
             isinstance(r, str) for r in value):
-        raise ValueError(f"config.frozen must be a tuple of regex strings, "
+        raise ValueError(f"{PREFIX}frozen must be a tuple of regex strings, "
                          f"got {value!r}")
     for regex in value:
         _compile("frozen", regex)
@@ -143,14 +152,25 @@ def _compile(key: str, regex: str) -> re.Pattern:
     try:
         return re.compile(regex)
     except re.error as err:
-        raise ValueError(f"config.{key} has a bad regex {regex!r}: {err}") from None
+        raise ValueError(f"{PREFIX}{key} has a bad regex {regex!r}: {err}") from None
 
 
 # ----------------------------------------------------------------------------
 # Learning-rate schedule.
 
-def lr_schedule(config) -> optax.Schedule:
+def _total_steps(total_steps) -> int:
+    if (isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral)
+            or total_steps < 1):
+        raise ValueError(f"config.total_steps must be an int >= 1, got {total_steps!r}")
+    return int(total_steps)
+
+
+def lr_schedule(config, *, total_steps: int) -> optax.Schedule:
     """Learning rate as a function of the 0-based iteration (an int32 scalar).
+
+    ``config`` is the optimiser section (``config.optim``); ``total_steps`` is
+    the run length ``config.total_steps`` (the one source of truth: the
+    optimiser section has no run length of its own).
 
     * ``'step'``: Caffe's ``lr_policy: "step"`` (§6),
       ``base_lr * gamma ** floor(step / step_size)``;
@@ -162,10 +182,11 @@ def lr_schedule(config) -> optax.Schedule:
     (a linear ramp from 0; not in the released solver, which has none).
     Returns float32 scalars.  Raises ValueError naming the bad key.
     """
+    total = _total_steps(total_steps)
     base_lr = _number(config, "base_lr", low=0.0, low_open=True)
     kind = _get(config, "schedule")
     if kind not in SCHEDULES:
-        raise ValueError(f"config.schedule must be one of {SCHEDULES}, "
+        raise ValueError(f"{PREFIX}schedule must be one of {SCHEDULES}, "
                          f"got {kind!r}")
     warmup = _int(config, "warmup_steps", low=0)
     if kind == "step":
@@ -174,9 +195,8 @@ def lr_schedule(config) -> optax.Schedule:
         # Integer division: exact for any step, unlike a float32 quotient.
         decay = lambda c, s: gamma ** (c // step_size).astype(jnp.float32)
     elif kind == "cosine":
-        total = _int(config, "total_steps", low=1)
         if warmup >= total:
-            raise ValueError(f"config.warmup_steps must be < total_steps "
+            raise ValueError(f"{PREFIX}warmup_steps must be < config.total_steps "
                              f"({total}) for the cosine schedule, got {warmup}")
         decay = lambda c, s: 0.5 * (1.0 + jnp.cos(
             jnp.pi * jnp.clip((s - warmup) / (total - warmup), 0.0, 1.0)))
@@ -328,24 +348,27 @@ def scale_by_lr(schedule: optax.Schedule, lr_mults: Rules,
 # ----------------------------------------------------------------------------
 # The optimiser of a config.
 
-def make_optimizer(config) -> optax.GradientTransformation:
+def make_optimizer(config, *, total_steps: int) -> optax.GradientTransformation:
     """Coupled L2 -> Adam -> ``-lr(iter) * lr_mult`` (Caffe order, §5.4, §6).
+
+    ``config`` is ``config.optim``; ``total_steps`` is ``config.total_steps``
+    (the schedule's run length, see :func:`lr_schedule`).
 
     ``config.caffe_adam_eps=True`` uses Caffe's eps placement
     (:func:`scale_by_caffe_adam`), False optax's ``scale_by_adam``.  Params whose
     path matches a ``config.frozen`` regex get exactly zero updates and no
     moments.  ``update`` needs ``params`` (for the weight decay).
     """
-    schedule = lr_schedule(config)
+    schedule = lr_schedule(config, total_steps=total_steps)
     b1 = _number(config, "b1", low=0.0, high=1.0, high_open=True)
     b2 = _number(config, "b2", low=0.0, high=1.0, high_open=True)
     eps = _number(config, "eps", low=0.0)
     weight_decay = _number(config, "weight_decay", low=0.0)
     caffe_eps = _get(config, "caffe_adam_eps")
     if not isinstance(caffe_eps, bool):
-        raise ValueError(f"config.caffe_adam_eps must be a bool, got {caffe_eps!r}")
+        raise ValueError(f"{PREFIX}caffe_adam_eps must be a bool, got {caffe_eps!r}")
     if not caffe_eps and eps == 0.0:
-        raise ValueError("config.eps must be > 0 when caffe_adam_eps is False")
+        raise ValueError(f"{PREFIX}eps must be > 0 when {PREFIX}caffe_adam_eps is False")
     adam = (scale_by_caffe_adam(b1, b2, eps) if caffe_eps
             else optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
     chain = optax.chain(

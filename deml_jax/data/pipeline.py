@@ -2,7 +2,7 @@
 
 Train: a grain MapDataset over step numbers; element `step` = the host's
 slice of the sampler's plan for that step, read, decoded (cv2 colour decode
--> BGR uint8, as Caffe, deml-reference.md §2.3) and augmented. The
+-> BGR uint8, as Caffe, docs/reference.md §2.3) and augmented. The
 augmentation of the image at global slot g (device-major position in the
 global batch) uses np.random.default_rng((seed, step, g)), so a batch is a
 pure function of (seed, step) and does not depend on how many hosts share
@@ -52,7 +52,8 @@ def load_source(dataset_name: str, split: str, data_dir: str):
         raise FileNotFoundError(
             f'dataset {dataset_name!r} is not prepared in {builder.data_dir!r}. '
             f'Run: python -m deml_jax.data.prepare --dataset {name} '
-            f'--manual_dir DIR --data_dir {data_dir} (plus the options that give '
+            f'{"--root DIR" if name == "image_folder" else "--manual_dir DIR"} '
+            f'--data_dir {data_dir} (plus the options that give '
             f'config {config or "default"!r}, e.g. --val_classes N).'
         )
     if split not in builder.info.splits:

@@ -6,7 +6,9 @@
 
 image_folder also takes --root DIR and --train_classes a,b,c or
 --train_fraction F --split_seed S (and --config NAME to name the variant);
-digits takes --image_size (default 64) and no manual_dir.
+digits takes --image_size (default 64) and no manual_dir; fashion_mnist takes
+--manual_dir (the four official idx files), --image_size (default 64) and
+--train_classes 0,1,2,3,4 (the seen class ids; the default).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import sys
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument(
-        '--dataset', required=True, help='cub200 | cars196 | sop | inshop | digits | image_folder'
+        '--dataset', required=True, help='cub200 | cars196 | sop | inshop | digits | fashion_mnist | image_folder'
     )
     p.add_argument(
         '--manual_dir', default=None, help='folder holding the official archives or extracted files'
@@ -42,19 +44,29 @@ def parse_args(argv=None) -> argparse.Namespace:
         help='skip and count unreadable images instead of failing',
     )
     p.add_argument('--config', default=None, help='name of the stored variant')
-    p.add_argument('--image_size', type=int, default=None, help='digits only')
+    p.add_argument('--image_size', type=int, default=None, help='digits, fashion_mnist')
     p.add_argument('--root', default=None, help='image_folder: class folders')
     p.add_argument(
-        '--train_classes', default=None, help='image_folder: comma-separated class folder names'
+        '--train_classes', default=None, help='image_folder: comma-separated class folder names; fashion_mnist: seen class ids'
     )
     p.add_argument('--train_fraction', type=float, default=None)
     p.add_argument('--split_seed', type=int, default=None)
+    p.add_argument(
+        '--verbosity',
+        type=int,
+        default=-1,
+        help='0 (INFO) or more also shows TFDS progress bars and notices',
+    )
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+
     from deml_jax.data import builders  # pylint: disable=g-import-not-at-top
+
+    absl_logging.set_verbosity(args.verbosity)
 
     opts = {
         'val_classes': args.val_classes,
@@ -76,5 +88,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == '__main__':
+def run():
+    """Console script ``deml-prepare`` (pyproject.toml)."""
     sys.exit(main())
+
+
+if __name__ == '__main__':
+    run()

@@ -1,6 +1,6 @@
 """Clustering quality: k-means on device, then NMI and pairwise F1 (exact, host).
 
-The released code has no NMI (deml-reference.md §7, last bullet); these are the
+The released code has no NMI (docs/reference.md §7, last bullet); these are the
 metric-learning literature's standard clustering scores: k-means with as many
 clusters as test classes, NMI = I(Y; C) / mean(H(Y), H(C)) (scikit-learn's
 default 'arithmetic' normalisation), and the pairwise F1 over same-cluster
@@ -176,8 +176,12 @@ def clustering_metrics(embeddings, labels, seed: int = 0, *, metric: str = "cosi
     labels = np.asarray(labels)
     if labels.shape != (x.shape[0],):
         raise ValueError(f"labels must have shape ({x.shape[0]},), got {labels.shape}")
-    x, _ = knn_lib.prepare(x, metric)
     k = int(np.unique(labels).size)
+    if k < 2:  # NMI and F1 would be a meaningless 1.0
+        from deml_jax.evaluation.metrics import DegenerateEvaluationError
+        raise DegenerateEvaluationError(
+            f"clustering needs at least 2 classes, got {k} ({labels.size} items)")
+    x, _ = knn_lib.prepare(x, metric)
     _, assign, it = kmeans(x, k, seed=seed, max_iters=max_iters, chunk_size=chunk_size)
     return {"nmi": nmi(labels, assign), "f1": pairwise_f1(labels, assign),
             "num_clusters": k, "kmeans_iters": it}

@@ -6,11 +6,12 @@ each batch is a dict with 'image' float [..., H, W, 3], 'label' int [...],
 position in the split).  Leading batch dims are free, e.g. [devices,
 per_device].  Padding rows are dropped by mask; rows from all processes are
 all-gathered and de-duplicated by index, so every image counts exactly once
-whatever the number of devices and hosts (deml-reference.md §7: each of the
+whatever the number of devices and hosts (docs/reference.md §7: each of the
 5,924 CUB test images once, no wrap-around rows).
 """
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any, Callable, Iterable, Mapping
 
@@ -129,6 +130,10 @@ class RetrievalEvaluator:
         in query_gallery mode).
       prefix: prepended to every result key (e.g. 'test/').
       allgather: multi-process gather (default process_allgather).
+      on_degenerate: a split with fewer than 2 classes or no query with a
+        relevant item (metrics.check_evaluable): 'raise' the
+        DegenerateEvaluationError (the CLIs), or 'warn' (a training run: a
+        loud warning on stderr and None for every metric, null in JSON).
     """
 
     def __init__(self, embed_fn: Callable, splits: Mapping[str, Callable[[], Iterable[Batch]]],
@@ -136,7 +141,10 @@ class RetrievalEvaluator:
                  clustering: bool = True, chunk_size: int = knn_lib.DEFAULT_CHUNK_SIZE,
                  prefix: str = "", map_at_r: bool = True, seed: int = 0, devices=None,
                  shard_threshold: int = knn_lib.DEFAULT_SHARD_THRESHOLD,
-                 allgather: Callable | None = None):
+                 allgather: Callable | None = None, on_degenerate: str = "raise"):
+        if on_degenerate not in ("raise", "warn"):
+            raise ValueError(f"on_degenerate must be 'raise' or 'warn', got {on_degenerate!r}")
+        self.on_degenerate = on_degenerate
         need = {"self": ("test",), "query_gallery": ("query", "gallery")}
         if mode not in need:
             raise ValueError(f"mode must be 'self' or 'query_gallery', got {mode!r}")
@@ -157,8 +165,20 @@ class RetrievalEvaluator:
         self.last = {name: embed_split(self.embed_fn, self.splits[name](), split=name,
                                        allgather=self.allgather) for name in sorted(self.splits)}
         t_embed = time.perf_counter() - t0
+        q, g = ((self.last["test"],) * 2 if self.mode == "self"
+                else (self.last["query"], self.last["gallery"]))
+        try:
+            metrics_lib.check_evaluable(q["labels"], None if self.mode == "self" else g["labels"],
+                                        what=f"split(s) {'/'.join(sorted(self.splits))}")
+        except metrics_lib.DegenerateEvaluationError as err:
+            if self.on_degenerate == "raise":
+                raise
+            res = self._null_metrics(q["labels"], None if self.mode == "self" else g["labels"])
+            print(f"WARNING: evaluation skipped, every metric is null: {err}",
+                  file=sys.stderr, flush=True)
+            res.update(embed_time_s=t_embed, eval_time_s=time.perf_counter() - t0)
+            return {self.prefix + k: v for k, v in res.items()}
         if self.mode == "self":
-            q = g = self.last["test"]
             res = metrics_lib.retrieval_metrics(q["embeddings"], q["labels"], ks=self.ks,
                                                 metric=self.metric, **self.metric_kw)
         else:
@@ -173,3 +193,15 @@ class RetrievalEvaluator:
             res.update(nmi=clu["nmi"], f1=clu["f1"])
         res.update(embed_time_s=t_embed, eval_time_s=time.perf_counter() - t0)
         return {self.prefix + k: (float(v) if isinstance(v, float) else v) for k, v in res.items()}
+
+    def _null_metrics(self, query_labels, gallery_labels) -> dict:
+        """Every metric key of a normal run with value None (JSON null)."""
+        keys = [f"recall@{k}" for k in self.ks] + ["p@1"]
+        if self.metric_kw["map_at_r"]:
+            keys += ["r_precision", "map@r"]
+        if self.clustering:
+            keys += ["nmi", "f1"]
+        valid = metrics_lib.count_valid_queries(query_labels, gallery_labels)
+        out = dict.fromkeys(keys)
+        out.update(num_queries=valid, num_excluded_queries=int(len(query_labels) - valid))
+        return out

@@ -4,7 +4,7 @@ Definitions (docs/metrics.md has the glossary).  For a query q with label y,
 the *relevant* items are the gallery items with label y, q itself excluded by
 index in self mode; R = their number.  Queries with R = 0 are excluded (and
 counted).  Neighbours are ranked by similarity, ties by lower gallery index
-(deml-reference.md §7, MATLAB's stable sort).
+(docs/reference.md §7, MATLAB's stable sort).
 
 - Recall@K = fraction of queries with at least one relevant item among the K
   nearest (the DML hit rate of evaluate_recall.m, §7 step 5).
@@ -27,7 +27,7 @@ import numpy as np
 
 from deml_jax.evaluation import knn as knn_lib
 
-# Recall@K sets of the zero-shot benchmarks (deml-reference.md §14.3, §7).
+# Recall@K sets of the zero-shot benchmarks (docs/reference.md §14.3, §7).
 RECALL_KS = {
     "cub200": (1, 2, 4, 8),
     "cars196": (1, 2, 4, 8),
@@ -73,6 +73,45 @@ def max_relevant(query_labels: np.ndarray, gallery_labels: np.ndarray | None) ->
     return int(counts[present].max()) if present.any() else 0
 
 
+class DegenerateEvaluationError(ValueError):
+    """The split cannot be evaluated: fewer than 2 classes, or no query has a
+    relevant item (every metric would be a meaningless 1.0 or NaN)."""
+
+
+def count_valid_queries(query_labels, gallery_labels=None) -> int:
+    """Queries with at least one relevant gallery item (self mode: another
+    item of the same label), i.e. the ``num_queries`` the metrics average over."""
+    q = np.asarray(query_labels)
+    if gallery_labels is None:
+        uniq, inv, counts = np.unique(q, return_inverse=True, return_counts=True)
+        return int(np.sum(counts[inv] > 1))
+    return int(np.sum(np.isin(q, np.asarray(gallery_labels))))
+
+
+def check_evaluable(query_labels, gallery_labels=None, *, what: str = "the evaluation set"
+                    ) -> None:
+    """Raises :class:`DegenerateEvaluationError` when the metrics mean nothing.
+
+    Fewer than 2 classes (in the gallery, or the self set) makes every
+    retrieval and clustering metric 1.0; no query with a relevant item makes
+    Recall@K NaN.  The message says what was found.
+    """
+    q = np.asarray(query_labels)
+    g = q if gallery_labels is None else np.asarray(gallery_labels)
+    classes = np.unique(g)
+    if classes.size < 2:
+        raise DegenerateEvaluationError(
+            f"{what} has {classes.size} class(es) ({g.size} items, labels "
+            f"{classes[:5].tolist()}): retrieval needs at least 2 classes")
+    valid = count_valid_queries(q, gallery_labels)
+    if valid == 0:
+        why = ("every label occurs once, so no query has another item of its class"
+               if gallery_labels is None else "no query label occurs in the gallery")
+        raise DegenerateEvaluationError(
+            f"{what}: 0 of {q.size} queries have a relevant item ({why}); "
+            "Recall@K would be NaN")
+
+
 def _int_labels(labels, n: int, name: str) -> np.ndarray:
     if labels is None:
         raise ValueError(f"{name} is required")
@@ -104,6 +143,9 @@ def retrieval_metrics(query, query_labels, gallery=None, gallery_labels=None,
       {'recall@K': float, ..., 'p@1', 'r_precision', 'map@r' (float, over the
       included queries), 'num_queries' (int, included), 'num_excluded_queries'
       (int, queries with R = 0), 'metric' (str)}.
+    Raises:
+      DegenerateEvaluationError: fewer than 2 gallery classes, or no query
+        with a relevant item.
     """
     ks = _check_ks(ks)
     knn_lib.check_metric(metric)
@@ -114,6 +156,7 @@ def retrieval_metrics(query, query_labels, gallery=None, gallery_labels=None,
         g_lab = _int_labels(gallery_labels, np.shape(gallery)[0], "gallery_labels")
     elif gallery_labels is not None:
         raise ValueError("gallery_labels given without gallery")
+    check_evaluable(q_lab, g_lab)
     k = max(1, max_relevant(q_lab, g_lab)) if map_at_r else 1
     nn = knn_lib.knn_search(query, gallery, k=k, metric=metric, query_labels=q_lab,
                             gallery_labels=g_lab, chunk_size=chunk_size, devices=devices,

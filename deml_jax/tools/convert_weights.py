@@ -2,7 +2,7 @@
 
 Usage::
 
-  # BVLC Caffe GoogLeNet (deml-reference.md §3.2) -> OUT/googlenet_bvlc.npz
+  # BVLC Caffe GoogLeNet (docs/reference.md §3.2) -> OUT/googlenet_bvlc.npz
   python -m deml_jax.tools.convert_weights --caffemodel bvlc_googlenet.caffemodel --out OUT
   # one branch of the authors' 3nets.caffemodel (layer suffix '', '_' or '__')
   python -m deml_jax.tools.convert_weights --caffemodel 3nets.caffemodel --suffix _ --out OUT
@@ -72,11 +72,16 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         convert(args)
-    except (ValueError, TypeError, OSError) as e:
+    except (ValueError, TypeError, OSError, ImportError) as e:
         print(f"convert_weights: error: {e}", file=sys.stderr)
         return 1
     return 0
 
 
-if __name__ == "__main__":
+def run():
+    """Console script ``deml-convert-weights`` (pyproject.toml)."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

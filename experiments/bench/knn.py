@@ -1,6 +1,6 @@
 """Benchmark: exact retrieval metrics at CUB and SOP scale vs faiss IndexFlatIP.
 
-Run:  .venv/bin/python experiments/bench/knn.py [--scales cub,sop] [--chunk-size 512]
+Run:  .venv/bin/python experiments/bench/knn.py [--scales cub,sop] [--chunk_size 512]
 
 Each (scale, method) runs in a fresh subprocess so that its peak RSS (getrusage
 ru_maxrss, minus the peak before the measured call) is its own.  Methods:
@@ -31,7 +31,7 @@ SCALES = {  # (num images, num classes or None for SOP-like sizes, Recall@K set)
     "cub": (5924, 100, (1, 2, 4, 8)),
     "sop": (60502, None, (1, 10, 100, 1000)),
 }
-DIM = 504  # DeML(I=3, J=3) inference embedding: 9 x 56 (deml-reference.md §0)
+DIM = 504  # DeML(I=3, J=3) inference embedding: 9 x 56 (docs/reference.md §0)
 NOISE = 3.5  # per-dim noise vs unit-variance class centres: R@1 ~ 0.6 at CUB scale
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
@@ -131,7 +131,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--scales", default="cub,sop")
     p.add_argument("--methods", default="metrics,knn,faiss")
-    p.add_argument("--chunk-size", type=int, default=512, help="query rows per chunk")
+    p.add_argument("--chunk_size", "--chunk-size", type=int, default=512,
+                   help="query rows per chunk")
     p.add_argument("--one", nargs=2, metavar=("SCALE", "METHOD"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -141,7 +142,7 @@ def main() -> None:
     for scale in args.scales.split(","):
         for method in args.methods.split(","):
             cmd = [sys.executable, __file__, "--one", scale, method,
-                   "--chunk-size", str(args.chunk_size)]
+                   "--chunk_size", str(args.chunk_size)]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
             if proc.returncode:
                 print(f"{scale}/{method} failed:\n{proc.stderr[-2000:]}")

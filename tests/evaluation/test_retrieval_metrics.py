@@ -28,17 +28,17 @@ def _pml_stats(same_source):
 def test_map_at_r_pml_worked_example_reference_mode():
     ap, rp = _pml_stats(same_source=False)
     expected_ap = [(1 / 2 + 2 / 3) / 3, (1 + 2 / 3) / 3, (1 / 5) / 5, (1 + 2 / 3) / 4, (1 / 3) / 5]
-    chex.assert_trees_all_close(ap, np.array(expected_ap, np.float32), rtol=1e-6)
+    chex.assert_trees_all_close(ap, np.array(expected_ap, np.float32), rtol=1e-5)
     chex.assert_trees_all_close(rp, np.array([2 / 3, 2 / 3, 1 / 5, 2 / 4, 1 / 5], np.float32),
-                                rtol=1e-6)
+                                rtol=1e-5)
 
 
 def test_map_at_r_pml_worked_example_same_source():
     ap, rp = _pml_stats(same_source=True)
     expected_ap = [1.0, (1 / 2) / 2, (1 / 4) / 4, (1 / 2) / 3, (1 / 2) / 4]
-    chex.assert_trees_all_close(ap, np.array(expected_ap, np.float32), rtol=1e-6)
+    chex.assert_trees_all_close(ap, np.array(expected_ap, np.float32), rtol=1e-5)
     chex.assert_trees_all_close(rp, np.array([1, 1 / 2, 1 / 4, 1 / 3, 1 / 4], np.float32),
-                                rtol=1e-6)
+                                rtol=1e-5)
 
 
 def test_map_at_r_reality_check_example():
@@ -48,8 +48,9 @@ def test_map_at_r_reality_check_example():
     hits[0, :3] = True
     hits[1, [0, 2, 11]] = True  # rank 12 > R: does not count
     ap, rp = ranked_list_stats(jnp.asarray(hits), jnp.array([10, 10]))
-    chex.assert_trees_all_close(np.asarray(ap), np.array([0.3, (1 + 2 / 3) / 10], np.float32))
-    chex.assert_trees_all_close(np.asarray(rp), np.array([0.3, 0.2], np.float32))
+    chex.assert_trees_all_close(np.asarray(ap), np.array([0.3, (1 + 2 / 3) / 10], np.float32),
+                                rtol=1e-5)
+    chex.assert_trees_all_close(np.asarray(rp), np.array([0.3, 0.2], np.float32), rtol=1e-5)
 
 
 def test_inshop_like_query_gallery_hand_case():
@@ -68,7 +69,7 @@ def test_inshop_like_query_gallery_hand_case():
                 "num_excluded_queries": 1, "metric": "euclidean"}
     assert set(got) == set(expected)
     for name, v in expected.items():
-        assert got[name] == pytest.approx(v, abs=1e-7) if name != "metric" else got[name] == v
+        assert got[name] == pytest.approx(v, abs=1e-5) if name != "metric" else got[name] == v
 
 
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
@@ -87,7 +88,7 @@ def test_matches_brute_force_on_tied_random_data(rng, refs, metric, self_mode):
     ref = refs.metrics(*ref_args, ks=ks, metric=metric) if self_mode else \
         refs.metrics(ref_args[0], ref_args[1], ref_args[2], ref_args[3], ks, metric)
     for name, v in ref.items():
-        assert got[name] == pytest.approx(v, abs=1e-6), name
+        assert got[name] == pytest.approx(v, abs=1e-5), name
     assert got["num_excluded_queries"] >= 1
 
 

@@ -5,6 +5,7 @@ The .caffemodel files are written by this file's own protobuf wire encoder
 The torchvision parity reference is googlenet_pytorch (torchvision's GoogLeNet).
 """
 import struct
+import sys
 
 import chex
 import jax
@@ -130,7 +131,7 @@ def test_bad_files_raise_value_error(tmp_path):
 
 
 # ------------------------------------------------------ full fake BVLC file --
-INCEPTIONS = {  # (in, 1x1, 3r, 3, 5r, 5, pp), deml-reference.md §3.2
+INCEPTIONS = {  # (in, 1x1, 3r, 3, 5r, 5, pp), docs/reference.md §3.2
     "3a": (192, 64, 96, 128, 16, 32, 32), "3b": (256, 128, 128, 192, 32, 96, 64),
     "4a": (480, 192, 96, 208, 16, 48, 64), "4b": (512, 160, 112, 224, 24, 64, 64),
     "4c": (512, 128, 128, 256, 24, 64, 64), "4d": (512, 112, 144, 288, 32, 64, 64),
@@ -342,3 +343,47 @@ def test_replicate_errors_and_partial():
         W.replicate_into_branches(deml, {"a": {"kernel": np.ones((2, 2))}}, num_branches=4)
     with pytest.raises(ValueError, match="branch_"):
         W.replicate_into_branches({"trunk": {}}, {})
+
+
+class _RunsCode:  # a pickle that would call os.getcwd when fully unpickled
+    def __reduce__(self):
+        import os
+        return (os.getcwd, ())
+
+
+def _pth_cases(tmp_path):
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"these are not weights\n")
+    evil = tmp_path / "evil.pth"
+    torch.save({"conv1.conv.weight": _RunsCode()}, evil)
+    listed = tmp_path / "list.pth"
+    torch.save([torch.zeros(2)], listed)
+    return {empty: "empty file (0 bytes)", garbage: "not one, or that holds objects",
+            evil: "not one, or that holds objects", listed: "found a list"}
+
+
+def test_pth_errors_are_one_line_without_unsafe_advice(tmp_path, capsys):
+    for path, found in _pth_cases(tmp_path).items():
+        with pytest.raises(ValueError) as e:  # was EOFError / UnpicklingError
+            W.torchvision_params_from_state_dict(str(path))
+        msg = str(e.value)
+        assert str(path) in msg and found in msg and "state_dict" in msg, msg
+        assert "weights_only=False" not in msg and "weights_only` set to `False" not in msg
+        assert convert_weights.main(["--torch_state_dict", str(path),
+                                     "--out", str(tmp_path / "o")]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(path) in err and "False" not in err, err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_pth_without_torch_installed(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "g.pth"
+    path.write_bytes(b"PK\x03\x04 anything")
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails
+    with pytest.raises(ImportError, match=r"g\.pth needs torch.*pip install torch"):
+        W.torchvision_params_from_state_dict(str(path))
+    assert convert_weights.main(["--torch_state_dict", str(path), "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install torch" in err

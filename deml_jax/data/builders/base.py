@@ -3,7 +3,7 @@
 Every builder lists its examples as ``Record``s per split from the manual
 directory, and this module does the rest: the count assertions, the optional
 class-disjoint validation carve-out, the readability check of every image,
-the optional offline preprocessing of deml-reference.md §2.1 and the writing
+the optional offline preprocessing of docs/reference.md §2.1 and the writing
 of ``{'image', 'label', 'file_name', 'id'}`` examples in array_record format.
 
 Stored example (the convention the trainer and the evaluator rely on):
@@ -20,16 +20,18 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import sys
 import tarfile
 import zipfile
 from typing import Mapping, NamedTuple
 
 import cv2
 import numpy as np
+from absl import logging as absl_logging
 from etils import epath
 import tensorflow_datasets as tfds
 
-# deml-reference.md §2.1: Lifted-Struct preprocessing, square 256 x 256.
+# docs/reference.md §2.1: Lifted-Struct preprocessing, square 256 x 256.
 RESIZE_PAD_DEFAULT = 256
 # Quality of re-encoded JPEGs (only when we must re-encode); a high value so
 # that re-encoding adds little loss. Our choice, not from the released code.
@@ -51,7 +53,7 @@ class DemlConfig(tfds.core.BuilderConfig):
     val_classes: the LAST `val_classes` training classes (by class id) move to
       a class-disjoint 'val' split; 0 = no 'val' split.
     resize_pad: None, or S: aspect-preserving resize so the long side is S,
-      then zero padding, centred, to S x S (deml-reference.md §2.1).
+      then zero padding, centred, to S x S (docs/reference.md §2.1).
     """
 
     val_classes: int = 0
@@ -110,7 +112,7 @@ def read_lines(path: str, *, skip: int = 0) -> list[list[str]]:
 def resize_pad(image: np.ndarray, size: int = RESIZE_PAD_DEFAULT) -> np.ndarray:
     """Long side -> `size` keeping the aspect, zero-pad centred to size x size.
 
-    deml-reference.md §2.1 (Lifted-Struct preprocessing, zero padding per the
+    docs/reference.md §2.1 (Lifted-Struct preprocessing, zero padding per the
     DeML README). The short side becomes max(1, round(short * size / long));
     padding top/left = (size - h) // 2, the rest bottom/right. INTER_AREA when
     shrinking (closest to MATLAB's antialiased imresize), INTER_LINEAR when
@@ -132,7 +134,7 @@ def encode_checked(data: bytes | None, *, resize: int | None, ext: str = '.jpg')
 
     Keeps the original bytes when they already decode to uint8 H x W x 3 and no
     resizing is asked (no re-encoding loss); otherwise decodes as Caffe does
-    (cv2 colour decode, deml-reference.md §2.3) and re-encodes with `ext`.
+    (cv2 colour decode, docs/reference.md §2.3) and re-encodes with `ext`.
     """
     if not data:
         return None
@@ -198,6 +200,11 @@ class UnreadableImageError(RuntimeError):
     """Some listed images could not be read or decoded (paths in message)."""
 
 
+def verbose() -> bool:
+    """Library chatter (TFDS progress bars and notices) on: absl --verbosity >= 0."""
+    return absl_logging.get_verbosity() >= absl_logging.INFO
+
+
 class DemlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base of our builders: subclasses implement `_list_splits` only.
 
@@ -253,6 +260,20 @@ class DemlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _list_splits(self, manual_dir: str | None) -> dict[str, list[Record]]:
         raise NotImplementedError
+
+    # TFDS prints "Downloading and preparing dataset Unknown size ..." and
+    # "... downloaded and prepared" (nothing is downloaded): one line of ours
+    # instead, TFDS's own behind --verbosity=0 (INFO) or more.
+    def _log_download_bytes(self) -> None:
+        if verbose():
+            super()._log_download_bytes()
+        else:
+            print(f'building {self.name}/{self.builder_config.name} into {self.data_dir} '
+                  '(nothing is downloaded)', file=sys.stderr, flush=True)
+
+    def _log_download_done(self) -> None:
+        if verbose():
+            super()._log_download_done()
 
     @property
     def extract_root(self) -> str:
