@@ -2,8 +2,21 @@
 
 Command:  python -m deml_jax.main --config configs/cars196_deml_adversary.py --workdir runs/cars196_deml_adversary
 Smoke:    python -m deml_jax.main --config configs/cars196_deml_adversary.py:runlocal --workdir runs/cars196_deml_adversary_smoke
-Hardware: 2 GPUs with > 11 GB each, 2 x (13 classes x 2 images).
-Needs:    the prepared dataset (README "Bring a dataset") and BVLC GoogLeNet weights
+Args:     runlocal (a 3-step smoke run on small images, as above); any other
+          argument is an error.
+Hardware: sized for 2 GPUs with > 11 GB each (§6); any device count (1, 2, 4, 8, ... or a
+          TPU slice) runs the same 52 images a step in 2 loss groups of 13 classes x 2
+          (§2.2, §5.4; dataset.global_batch_size=52, parallel.loss_groups=2).
+Images:   the released preprocessing (§2.1): aspect-kept resize, zero padding to 256 x 256
+          (dataset.variant='pad256'), built by
+          python -m deml_jax.data.prepare --dataset cars196 --manual_dir DIR \\
+              --data_dir data/tfds --resize_pad 256
+          Raw images (a prepare without --resize_pad): --config.dataset.variant=''.
+Eval:     the test split at the released snapshots 10,500 ... 15,000 every 500 (§6, §7;
+          eval.snapshot_steps) and after the last step; results.json reports the last
+          snapshot and, with a validation split (--config.dataset.variant=val20_pad256
+          --config.dataset.val_split=val), the best on it; best-on-test is labelled so.
+Needs:    the prepared dataset (Images above; README "Bring a dataset") and BVLC GoogLeNet weights
           converted with `python -m deml_jax.tools.convert_weights` set as
           --config.model.pretrained=PATH (training from scratch will not get there).
 Expected: no published figure (§14.3: the CUB recipe with this dataset's split and Recall@K set).

@@ -2,8 +2,18 @@
 
 Command:  python -m deml_jax.main --config configs/sop_u512.py --workdir runs/sop_u512
 Smoke:    python -m deml_jax.main --config configs/sop_u512.py:runlocal --workdir runs/sop_u512_smoke
-Hardware: 1 GPU, 65 classes x 2 images (§8).
-Needs:    the prepared dataset (README "Bring a dataset") and BVLC GoogLeNet weights
+Args:     runlocal (a 3-step smoke run on small images, as above); any other
+          argument is an error.
+Hardware: 1 GPU: 130 images a step (65 classes x 2) in one loss group (§8;
+          dataset.global_batch_size=130, parallel.loss_groups=1).
+Images:   the released preprocessing (§2.1): aspect-kept resize, zero padding to 256 x 256
+          (dataset.variant='pad256'), built by
+          python -m deml_jax.data.prepare --dataset sop --manual_dir DIR \\
+              --data_dir data/tfds --resize_pad 256
+          Raw images (a prepare without --resize_pad): --config.dataset.variant=''.
+Eval:     the test split after the last step (5,000; §8 names no snapshot); results.json
+          holds every evaluated snapshot, the last and, with a validation split, the best on it.
+Needs:    the prepared dataset (Images above; README "Bring a dataset") and BVLC GoogLeNet weights
           converted with `python -m deml_jax.tools.convert_weights` set as
           --config.model.pretrained=PATH (training from scratch will not get there).
 Expected: no published figure (§14.3: the CUB recipe with this dataset's split and Recall@K set).

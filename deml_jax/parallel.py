@@ -1,8 +1,9 @@
-"""SPMD launchers for one per-device step function (architecture.md §3).
+"""SPMD launchers for one per-device step function (README "Training on many devices").
 
 The step function is written once, for one device, with collectives over the
 axis name ``'data'`` (``lax.pmean`` of gradients, ``lax.all_gather`` of
-embeddings for ``loss_scope='global'``).  Two launchers run it:
+embeddings when a loss group spans devices: deml_jax/loss_groups.py).  Two
+launchers run it:
 
 * :class:`PmapLauncher` (default, the design card's pmap): the state carries a
   leading axis of local devices; the host batch is ``[local_devices, ...]``.

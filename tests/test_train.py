@@ -28,7 +28,7 @@ TOTAL = 6
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tfds"))
-    builders.prepare("digits", None, path, image_size=40, val_classes=1)
+    builders.prepare("digits", None, path, image_size=40, val_classes=2)
     return path
 
 
@@ -53,9 +53,10 @@ def final_params(workdir, config):
 
 @pytest.fixture(scope="module")
 def reference(data_dir, tmp_path_factory):
-    """An uninterrupted run of TOTAL steps with a validation eval and the test eval."""
+    """An uninterrupted run of TOTAL steps with validation evals, a test snapshot at
+    step 3 (50 is past the end: skipped) and the final test eval."""
     workdir = str(tmp_path_factory.mktemp("reference"))
-    config = tiny_config(data_dir, eval_every_steps=3)
+    config = tiny_config(data_dir, eval_every_steps=3, **{"eval.snapshot_steps": (3, 50)})
     config.eval.final_test = True
     results = train.train_and_evaluate(config, workdir)
     return workdir, config, results
@@ -65,8 +66,22 @@ def test_train_evaluates_logs_and_checkpoints(reference):
     workdir, config, results = reference
     assert 0.0 < results["recall@1"] <= 1.0 and results["num_queries"] == 896  # digits 5-9: 182+181+179+174+180
     with open(os.path.join(workdir, "results.json")) as f:
-        assert json.load(f)["test"]["recall@1"] == results["recall@1"]
+        saved = json.load(f)
+    assert saved["test"]["recall@1"] == results["recall@1"]
     rows = logging_lib.read_metrics(workdir)
+    # Every evaluated snapshot: metrics.jsonl and results.json (last, best on val,
+    # and the labelled best on test).
+    tested = {r["step"]: r for r in rows if "test/recall@1" in r}
+    val = {r["step"]: r["val/recall@1"] for r in rows if "val/recall@1" in r}
+    assert sorted(tested) == [3, 6] and [s["step"] for s in saved["snapshots"]] == [3, 6]
+    assert saved["last"]["step"] == 6 and saved["last"]["test"] == saved["test"]
+    assert saved["snapshots"][0]["test"]["recall@1"] == tested[3]["test/recall@1"]
+    best = 3 if val[3] >= val[6] else 6
+    assert saved["best_on_val"]["step"] == best
+    assert saved["best_on_val"]["test"]["recall@1"] == tested[best]["test/recall@1"]
+    on_test = [k for k in saved if k.startswith("best_on_test (selected on the test split")]
+    assert len(on_test) == 1 and saved[on_test[0]]["test"]["recall@1"] == max(
+        r["test/recall@1"] for r in tested.values())
     steps = [r["step"] for r in rows if "train/loss" in r]
     assert steps == list(range(1, TOTAL + 1))
     assert all(np.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
@@ -145,11 +160,20 @@ def test_missing_dataset_names_the_prepare_command(tmp_path):
 
 
 def test_a_batch_that_does_not_fit_the_devices_is_refused(data_dir, tmp_path):
-    """2 devices x 3 classes need 6 classes per step; digits' train split has 4."""
-    config = tiny_config(data_dir, **{"parallel.num_devices": 2, "dataset.classes_per_device": 3})
-    with pytest.raises(ValueError, match=r"classes_per_device=3 on 2 devices needs 6 classes"):
+    """12 images of 2 need 6 classes per step; digits' train split has 4.  And 2 loss
+    groups cannot be split over 3 devices (nor 3 over 2)."""
+    config = tiny_config(data_dir, **{"dataset.global_batch_size": 12})
+    with pytest.raises(ValueError, match=r"global_batch_size=12 with images_per_class=2 "
+                                         r"needs 6 classes per step"):
         train.train_and_evaluate(config, str(tmp_path))
     assert not os.path.exists(tmp_path / "checkpoints" / "1")
+    for groups, devices in ((2, 3), (3, 2)):
+        config = tiny_config(data_dir, **{"parallel.num_devices": devices,
+                                          "parallel.loss_groups": groups,
+                                          "dataset.global_batch_size": 12})
+        with pytest.raises(ValueError, match=rf"loss_groups={groups} and {devices} devices.*"
+                                             r"global_batch_size=12"):
+            train.train_and_evaluate(config, str(tmp_path / f"{groups}_{devices}"))
 
 
 def test_bad_config_values_name_the_key(data_dir):
@@ -177,7 +201,7 @@ def test_cli_rejects_an_unknown_key_and_too_many_devices(tmp_path):
 def test_every_config_file_loads_and_validates():
     names = sorted(f for f in os.listdir(os.path.join(ROOT, "configs"))
                    if f.endswith(".py") and f not in ("__init__.py", "common.py"))
-    assert len(names) == 13  # 4 benchmarks x 3 methods + the demo
+    assert len(names) >= 13  # 4 benchmarks x 3 methods + the demo (+ later methods)
     for name in names:
         for arg in ("", ":runlocal"):
             config_lib.validate(config_lib.load_config(os.path.join(ROOT, "configs", name) + arg))
@@ -216,7 +240,7 @@ def test_pretrained_trunk_initialises_every_branch(data_dir, tmp_path):
     save_converted(path, trunk, "bvlc")
     config = tiny_config(data_dir, **{"model.backbone": "bvlc", "model.pretrained": path,
                                       "dataset.crop_size": 64, "dataset.image_size": 64})
-    model, tx = train.create_model(config), train.optim.make_optimizer(config.optim)
+    model, tx = train.create_model(config), train.optim.make_optimizer(config.optim, total_steps=config.total_steps)
     state = train.initial_state(config, model, tx, jax.random.PRNGKey(0))
     for b in range(2):
         chex.assert_trees_all_equal(state["params"][f"branch_{b}"]["trunk"], trunk["params"])

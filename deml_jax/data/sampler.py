@@ -1,10 +1,15 @@
 """Deterministic P x K batch plan: a pure function of (seed, step).
 
-The released run (deml-reference.md §2.2) feeds 2 GPUs x 26 images, each
+The released run (docs/reference.md §2.2) feeds 2 GPUs x 26 images, each
 GPU's 26 = 13 classes x 2 images with the 2 images of a class on adjacent
 lines, and computes its losses on its own sub-batch. `PKSampler` rebuilds
-that layout: P = classes_per_batch classes per global step, split into
-whole classes per device, K = images_per_class adjacent images per class.
+that layout: P = classes_per_batch classes per global step, K =
+images_per_class adjacent images per class, laid out class-major. The global
+batch (P x K images) does not depend on the device count: device d of D takes
+the d-th contiguous block of P*K/D images, and loss group g of G (the loss
+groups of deml_jax/loss_groups.py) the g-th contiguous block of P/G whole
+classes. A device's block may split a class when D does not divide P; the
+loss groups then gather the embeddings before pairing them.
 
 Passes: the classes are shuffled once per pass with
 np.random.default_rng((seed, pass)); a pass has
@@ -33,11 +38,14 @@ class PKSampler:
 
     Args:
       labels: int [N], the label of each example of the split (record order).
-      classes_per_batch: P, classes per global step (13 x 2 devices = 26 in the
-        released run, deml-reference.md §2.2); divisible by num_devices.
+      classes_per_batch: P, classes per global step (2 loss groups x 13 = 26 in
+        the released run, docs/reference.md §2.2).
       images_per_class: K (2 in the released run).
-      num_devices: devices over all hosts; each gets P / num_devices classes.
+      num_devices: devices over all hosts; P x K must be divisible by it; each
+        gets P x K / num_devices consecutive images of the global batch.
       seed: integer seed of the plan.
+      num_groups: loss groups of the global batch; P must be divisible by it
+        (each group holds P / num_groups whole classes).
     """
 
     def __init__(
@@ -48,21 +56,29 @@ class PKSampler:
         images_per_class: int,
         num_devices: int,
         seed: int,
+        num_groups: int = 1,
     ):
         _check_positive(
             classes_per_batch=classes_per_batch,
             images_per_class=images_per_class,
             num_devices=num_devices,
+            num_groups=num_groups,
         )
         labels = np.asarray(labels)
         if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
             raise ValueError(
                 f'labels must be a 1-D integer array; got dtype {labels.dtype} shape {labels.shape}'
             )
-        if classes_per_batch % num_devices:
+        if (classes_per_batch * images_per_class) % num_devices:
             raise ValueError(
-                f'classes_per_batch ({classes_per_batch}) must be '
+                f'the global batch of classes_per_batch x images_per_class = '
+                f'{classes_per_batch} x {images_per_class} images must be '
                 f'divisible by num_devices ({num_devices})'
+            )
+        if classes_per_batch % num_groups:
+            raise ValueError(
+                f'classes_per_batch ({classes_per_batch}) must be divisible by '
+                f'num_groups ({num_groups}): each loss group holds whole classes'
             )
         self.classes = np.unique(labels)
         if len(self.classes) < classes_per_batch:
@@ -75,8 +91,8 @@ class PKSampler:
         self._members = dict(zip(self.classes.tolist(), np.split(order, bounds[1:])))
         self.P, self.K = int(classes_per_batch), int(images_per_class)
         self.num_devices, self.seed = int(num_devices), int(seed)
-        self.classes_per_device = self.P // self.num_devices
-        self.per_device = self.classes_per_device * self.K
+        self.num_groups = int(num_groups)
+        self.per_device = self.P * self.K // self.num_devices
         self.steps_per_pass = len(self.classes) // self.P
 
     def classes_at(self, step: int) -> np.ndarray:
@@ -95,8 +111,10 @@ class PKSampler:
     def global_plan(self, step: int) -> np.ndarray:
         """int64 [num_devices, per_device] example indices of step `step`.
 
-        Device d holds classes [d*P/D, (d+1)*P/D) of `classes_at(step)`, each as
-        K adjacent entries (deml-reference.md §2.2 layout).
+        The global batch lists the classes of `classes_at(step)` in order, each
+        as K adjacent entries (docs/reference.md §2.2 layout); device d holds
+        its d-th block of P*K/D entries. The flattened plan does not depend on
+        num_devices.
         """
         idx = np.concatenate([self._images(step, c) for c in self.classes_at(step)])
         return idx.astype(np.int64).reshape(self.num_devices, self.per_device)
@@ -116,10 +134,10 @@ class PKSampler:
             raise ValueError(f'process_index must be in [0, {process_count}); got {process_index}')
         local = self.num_devices // process_count
         # Only this host's classes are materialised (each host builds its slice).
-        cls = self.classes_at(step)[
-            process_index * local * self.classes_per_device : (process_index + 1)
-            * local
-            * self.classes_per_device
-        ]
+        lo = process_index * local * self.per_device
+        hi = lo + local * self.per_device
+        first, last = lo // self.K, -(-hi // self.K)  # classes overlapping [lo, hi)
+        cls = self.classes_at(step)[first:last]
         idx = np.concatenate([self._images(step, c) for c in cls])
+        idx = idx[lo - first * self.K : hi - first * self.K]
         return idx.astype(np.int64).reshape(local, self.per_device)

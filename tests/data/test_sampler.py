@@ -95,10 +95,48 @@ def test_union_of_host_slices_is_global_plan(pc):
         np.testing.assert_array_equal(np.concatenate(parts), s.global_plan(step))
 
 
+def test_global_batch_is_the_same_on_any_device_count():
+    """The loss-group geometry (§2.2): the flattened global plan does not depend on
+    the device count, and each loss group (a contiguous block of P/G classes) holds
+    whole classes of K adjacent images, even when devices split a class."""
+    labels = make_labels([5] * 30)
+    P, K, G = 8, 2, 2
+    plans = {
+        D: PKSampler(labels, classes_per_batch=P, images_per_class=K, num_devices=D, seed=4,
+                     num_groups=G)
+        for D in (1, 2, 4, 8, 16)
+    }
+    for step in range(12):
+        ref = plans[1].global_plan(step).reshape(-1)
+        for D, s in plans.items():
+            plan = s.global_plan(step)
+            assert plan.shape == (D, P * K // D)
+            np.testing.assert_array_equal(plan.reshape(-1), ref)
+        group_labels = labels[ref].reshape(G, P // G, K)
+        assert (group_labels == group_labels[..., :1]).all()  # K adjacent of one class
+        per_group = [set(g[:, 0].tolist()) for g in group_labels]
+        assert all(len(c) == P // G for c in per_group)  # whole, distinct classes
+        assert not per_group[0] & per_group[1]
+
+
+@pytest.mark.parametrize('D,pc', [(16, 2), (16, 4), (8, 8), (4, 2)])
+def test_host_slices_when_devices_split_classes(D, pc):
+    """16 images on 16 devices: one image per device, half a class each."""
+    labels = make_labels([5] * 30)
+    s = PKSampler(labels, classes_per_batch=8, images_per_class=2, num_devices=D, seed=2)
+    for step in range(6):
+        parts = [s.host_plan(step, p, pc) for p in range(pc)]
+        assert all(x.shape == (D // pc, 16 // D) for x in parts)
+        np.testing.assert_array_equal(np.concatenate(parts), s.global_plan(step))
+
+
 def test_errors_name_the_values():
     labels = make_labels([4] * 10)
-    with pytest.raises(ValueError, match=r'classes_per_batch \(5\).*num_devices \(2\)'):
-        PKSampler(labels, classes_per_batch=5, images_per_class=2, num_devices=2, seed=0)
+    with pytest.raises(ValueError, match=r'5 x 1 images must be divisible by num_devices \(2\)'):
+        PKSampler(labels, classes_per_batch=5, images_per_class=1, num_devices=2, seed=0)
+    with pytest.raises(ValueError, match=r'classes_per_batch \(5\).*num_groups \(2\)'):
+        PKSampler(labels, classes_per_batch=5, images_per_class=2, num_devices=2, seed=0,
+                  num_groups=2)
     with pytest.raises(ValueError, match='exceeds the number of classes'):
         PKSampler(labels, classes_per_batch=12, images_per_class=2, num_devices=2, seed=0)
     with pytest.raises(ValueError, match='images_per_class'):
