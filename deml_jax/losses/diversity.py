@@ -1,9 +1,11 @@
 """Learner-diversity objectives: the released hinge constraint and the adversary loss.
 
 * ``hinge_diversity``: Caffe ContrastiveLoss with all-zero labels between the
-  L2-normalised learners of one branch (deml-reference.md §5.2).
+  L2-normalised learners of one branch (docs/reference.md §5.2).
 * ``adversary_loss``: objective of the reconstructed adversary regressors
   (§14.1; models/adversary.py builds the predictions behind a GRL).
+* ``adversary_mhn_loss``: objective of the shared MHN-form adversary
+  (related-methods.md §1.3; models/adversary.py ``AdversaryMHN``).
 """
 from __future__ import annotations
 
@@ -124,3 +126,35 @@ def adversary_loss(predictions, targets, *, mask=None, form="regression"):
     per_row = jnp.sum(jnp.square(pred * tgt), axis=-1)              # [P, B]
     corr = jnp.sum(jnp.where(valid, per_row, 0.0)) / (denom * dim)
     return -corr, {"adversary_corr": corr}
+
+
+def adversary_mhn_loss(mapped, *, mask=None):
+    """Loss that the shared MHN-form adversary MINIMISES (related-methods.md §1.3).
+
+    ``L = (2 / (J (J-1))) sum_{j<k} mean_n ||z_j,n - z_k,n||_2``: the plain
+    (not squared) distance between the adversary's maps of the same image under
+    learners j and k, averaged over valid rows and over the J(J-1)/2 pairs.
+    ``models.adversary.AdversaryMHN`` produces ``z`` behind a gradient-reversal
+    layer, so the adversary descends on L while the learners ascend on it.
+    The distance is safe at 0 (value 0, derivative 0 instead of NaN).
+
+    Args:
+      mapped: [J, B, H] float, the adversary outputs of one branch.
+      mask: optional bool [B]; False rows are excluded from the means.
+
+    Returns:
+      (loss, aux): scalar, 0 for J = 1; aux ``adversary_mhn_distance`` = L.
+    """
+    z = as_float(mapped, "mapped")
+    if z.ndim != 3:
+        raise ValueError(f"mapped must be [J, B, H], got shape {z.shape}")
+    n_learners, batch, _ = z.shape
+    valid = check_mask(mask, batch)
+    n_valid = jnp.maximum(valid.sum().astype(z.dtype), 1.0)
+    pairs = list(itertools.combinations(range(n_learners), 2))
+    total = jnp.zeros((), z.dtype)
+    for j, k in pairs:
+        d = _distance(z[j] - z[k], 0.0)                               # [B]
+        total = total + jnp.sum(jnp.where(valid, d, 0.0)) / n_valid
+    loss = total / max(len(pairs), 1)
+    return loss, {"adversary_mhn_distance": jax.lax.stop_gradient(loss)}

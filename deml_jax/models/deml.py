@@ -1,4 +1,4 @@
-"""DeML(I, J): hybrid-attention decoupled metric learning (deml-reference.md §0, §3).
+"""DeML(I, J): hybrid-attention decoupled metric learning (docs/reference.md §0, §3).
 
 I object-attention branches, each a separately parameterised GoogLeNet trunk;
 branch 1 sees the image, branch i+1 sees the object-attention zoom of branch
@@ -13,6 +13,8 @@ Parameter tree (the optimiser's lr multipliers match on these paths)::
     branch_{i}/cam_{j}/{reduce,expand}/{kernel,bias}    CAM (§3.3)
     branch_{i}/embed/kernel                             W_b, [1024, D] (§3.4)
     branch_{i}/adversary/pair_{j}_{k}/...               only for diversity='adversary'
+    branch_{i}/adversary_mhn/{fc1,bn1,fc2,bn2}/...      only for diversity='adversary_mhn'
+                                                        (+ batch_stats bn{1,2}/{mean,var})
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deml_jax.models.adversary import AdversaryRegressors
+from deml_jax.models.adversary import MHN_HIDDEN, AdversaryMHN, AdversaryRegressors
 from deml_jax.models.attention import ChannelAttention, caffe_xavier
 from deml_jax.models.googlenet import GoogLeNet
 from deml_jax.models.tiny import TinyNet
@@ -53,6 +55,8 @@ class DeMLBranch(nn.Module):
     adversary: bool = False
     adversary_hidden: int = 0
     dtype: Any = jnp.float32
+    adversary_mhn: bool = False  # related-methods.md §1.3
+    adversary_mhn_hidden: int = MHN_HIDDEN
 
     @nn.compact
     def __call__(self, x, *, train: bool, grl_scale=1.0):
@@ -84,6 +88,10 @@ class DeMLBranch(nn.Module):
                 self.num_learners, self.embedding_dim, self.adversary_hidden or None,
                 name="adversary")(out["embeddings"], grl_scale)
             out["adversary"] = (pred, target)
+        if self.adversary_mhn:  # [J, B, H] shared-adversary maps (related-methods.md §1.3 of related-methods.md)
+            out["adversary_mhn"] = AdversaryMHN(
+                self.num_learners, self.embedding_dim, self.adversary_mhn_hidden,
+                name="adversary_mhn")(out["embeddings"], grl_scale, train=train)
         return out
 
 
@@ -100,6 +108,8 @@ class DeML(nn.Module):
     * ``attention`` ``[I-1, B, h, w]``, ``boxes`` ``[I-1, B, 4]``, ``crops``
       ``[I-1, B, S, S, 3]``: the object-attention chain (absent when I = 1);
     * ``adversary``: ``(pred, target)`` each ``[I, P, B, D]`` when enabled.
+    * ``adversary_mhn``: ``[I, J, B, H]`` maps of the shared MHN-form adversary
+      when enabled (its BatchNorms need ``mutable=['batch_stats']`` in training).
     """
 
     num_branches: int = 3
@@ -119,6 +129,11 @@ class DeML(nn.Module):
     adversary: bool = False
     adversary_hidden: int = 0
     dtype: Any = jnp.float32
+    adversary_mhn: bool = False
+    adversary_mhn_hidden: int = MHN_HIDDEN
+    # False: an ablation (not the method): every branch sees the whole image,
+    # no random walk, no box, no crop (§3.5 skipped); no attention/boxes/crops out.
+    object_attention: bool = True
 
     def setup(self):
         if self.num_branches < 1 or self.num_learners < 1 or self.embedding_dim < 1:
@@ -134,7 +149,9 @@ class DeML(nn.Module):
             DeMLBranch(self.num_learners, self.embedding_dim, self.backbone,
                        self.channel_attention, self.cam_hidden,
                        self.adversary and self.num_learners > 1, self.adversary_hidden,
-                       self.dtype, name=f"branch_{i}")
+                       self.dtype, name=f"branch_{i}",
+                       adversary_mhn=self.adversary_mhn and self.num_learners > 1,
+                       adversary_mhn_hidden=self.adversary_mhn_hidden)
             for i in range(self.num_branches)]
 
     def __call__(self, images, *, train: bool = False, grl_scale=1.0):
@@ -144,7 +161,7 @@ class DeML(nn.Module):
         for i, branch in enumerate(self.branches):
             out = branch(x, train=train, grl_scale=grl_scale)
             outs.append(out)
-            if i + 1 < self.num_branches:  # zoom for the next branch (§3.5), no gradient
+            if i + 1 < self.num_branches and self.object_attention:  # zoom (§3.5), no gradient
                 oam = object_attention_crop(
                     x, out["oam_features"].astype(jnp.float32), out_size=images.shape[1],
                     num_steps=self.oam_steps, sigma_ratio=self.oam_sigma_ratio,
@@ -169,12 +186,17 @@ class DeML(nn.Module):
         if "adversary" in outs[0]:
             result["adversary"] = tuple(
                 jnp.stack([o["adversary"][k] for o in outs]) for k in range(2))
+        if "adversary_mhn" in outs[0]:
+            result["adversary_mhn"] = jnp.stack([o["adversary_mhn"] for o in outs])
         return result
 
 
 def build_model(model_config, mean_bgr=(123.0, 117.0, 104.0), diversity="hinge",
-                augmentation="caffe") -> DeML:
+                augmentation="caffe", adversary_mhn_hidden=MHN_HIDDEN) -> DeML:
     """Builds :class:`DeML` from ``config.model`` (configs/common.py).
+
+    ``adversary_mhn_hidden`` is ``config.loss.adversary_mhn_hidden``, used only
+    for ``diversity='adversary_mhn'``.
 
     ``augmentation='modern'`` feeds ImageNet-normalised RGB, which has no uint8
     pixels to rebuild: the crops are then taken from the float images.
@@ -194,4 +216,6 @@ def build_model(model_config, mean_bgr=(123.0, 117.0, 104.0), diversity="hinge",
         oam_method=m.oam_method, oam_converged=m.oam_converged,
         oam_pixels="uint8" if augmentation == "caffe" else "float", mean_bgr=tuple(mean_bgr),
         adversary=diversity == "adversary", adversary_hidden=m.adversary_hidden,
-        dtype=dtypes[m.dtype])
+        dtype=dtypes[m.dtype], adversary_mhn=diversity == "adversary_mhn",
+        adversary_mhn_hidden=adversary_mhn_hidden,
+        object_attention=bool(m.get("object_attention", True)))
