@@ -7,6 +7,7 @@ pull in the object-attention ops.
 import importlib
 
 _EXPORTS = {
+    "ABE": "deml_jax.models.abe",
     "DeML": "deml_jax.models.deml",
     "build_model": "deml_jax.models.deml",
     "l2_normalize": "deml_jax.models.deml",

@@ -4,11 +4,13 @@
   ``NetParameter`` (new-style ``layer`` = field 100 and V1 ``layers`` = field 2);
   no Caffe, no protobuf schema, no pickle.
 * ``bvlc_params_from_caffe``: BVLC GoogLeNet blobs -> params of
-  ``GoogLeNet(variant='bvlc')`` (deml-reference.md §3.2; OIHW -> HWIO).
+  ``GoogLeNet(variant='bvlc')`` (docs/reference.md §3.2; OIHW -> HWIO).
 * ``torchvision_params_from_state_dict``: torchvision GoogLeNet state_dict ->
   (params, batch_stats) of ``GoogLeNet(variant='torchvision_bn')``.
 * ``replicate_into_branches``: the "3nets" initialisation (§3.2): every DeML
   branch trunk starts from its own copy of the same weights.
+* ``replicate_into_abe``: ABE's main trunk and its attention trunk (a copy of
+  4a..4e) start from the same weights (related-methods.md §3.1).
 * ``save_converted`` / ``load_converted``: the on-disk format written by
   ``python -m deml_jax.tools.convert_weights``: an uncompressed ``.npz`` whose keys
   are '/'-joined variable paths (``params/conv1_7x7_s2/kernel``,
@@ -217,11 +219,42 @@ def _to_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
+def _torch_load(path) -> Any:
+    """``torch.load(weights_only=True)`` of a ``.pth`` with one-line errors.
+
+    Never falls back to a full unpickle (which can run code from the file) and
+    never passes on torch's advice to do so.
+    """
+    path = os.fspath(path)
+    expected = "expected a torch state_dict (.pth written by torch.save(model.state_dict()))"
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file ({expected})")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise ValueError(f"{path}: empty file (0 bytes); {expected}")
+    try:
+        import torch  # only needed for .pth files
+    except ImportError:
+        raise ImportError(f"reading {path} needs torch, which is not installed: "
+                          "pip install torch (the CPU build is enough)") from None
+    import warnings
+    try:
+        with warnings.catch_warnings():  # torch's pickle-protocol notices
+            warnings.simplefilter("ignore")
+            # weights_only=True: never unpickle arbitrary objects.
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError, RuntimeError (bad zip), EOFError...
+        raise ValueError(f"{path}: {expected}; found a file that is not one, or that holds "
+                         f"objects other than tensors ({size} bytes, {type(err).__name__}); "
+                         "it was not loaded") from None
+
+
 def _load_state_dict(state_dict):
     if isinstance(state_dict, (str, os.PathLike)):
-        import torch  # only needed for .pth files
-        # weights_only=True: never unpickle arbitrary objects.
-        state_dict = torch.load(state_dict, map_location="cpu", weights_only=True)
+        path, state_dict = state_dict, _torch_load(state_dict)
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"{os.fspath(path)}: expected a state_dict (a mapping of "
+                             f"names to tensors); found a {type(state_dict).__name__}")
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping or a .pth path, got "
                         f"{type(state_dict).__name__}")
@@ -322,6 +355,38 @@ def replicate_into_branches(deml_params: Mapping, trunk_params: Mapping,
         copy = jax.tree.map(lambda t, s: jnp.array(np.asarray(s), dtype=t.dtype, copy=True),
                             _plain(target), _plain(trunk_params))
         out[key] = {**deml_params[key], "trunk": copy}
+    return out
+
+
+def replicate_into_abe(abe_tree: Mapping, trunk_tree: Mapping) -> dict:
+    """ABE's initialisation (related-methods.md §3.1, HORDE's form).
+
+    The main ``trunk`` (stem S and rest G) gets a copy of the whole converted
+    trunk; the ``attention_trunk`` (a separate copy of ``inception_4a .. 4e``)
+    gets its own copy of the same 4a..4e weights.  Works on ``params`` and on
+    ``batch_stats`` trees alike.
+
+    Args:
+      abe_tree: ABE ``params`` (or ``batch_stats``) with top-level ``trunk`` and
+        ``attention_trunk``.
+      trunk_tree: GoogLeNet params (or batch_stats) of the converted trunk.
+    Returns:
+      A new tree: ``trunk`` and ``attention_trunk`` are fresh float32 device
+      buffers (never shared), everything else is the input leaves untouched.
+    Raises ValueError when a sub-tree is missing or the shapes do not fit.
+    """
+    missing = [k for k in ("trunk", "attention_trunk") if k not in abe_tree]
+    if missing:
+        raise ValueError(f"ABE tree has no {missing}; got top-level keys {list(abe_tree)}")
+    out = dict(abe_tree)
+    for key in ("trunk", "attention_trunk"):
+        target = _plain(abe_tree[key])
+        source = _plain(trunk_tree)
+        if key == "attention_trunk":  # only the layers the attention trunk holds
+            source = {k: v for k, v in source.items() if k in target}
+        _check_same_tree(target, source, key)
+        out[key] = jax.tree.map(lambda t, s: jnp.array(np.asarray(s), dtype=t.dtype, copy=True),
+                                target, source)
     return out
 
 
