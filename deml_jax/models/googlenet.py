@@ -3,7 +3,7 @@
 Two variants share one module:
 
 * ``'bvlc'``: the BVLC Caffe GoogLeNet the released DeML code fine-tunes
-  (deml-reference.md §3.2): conv + bias + ReLU, LRN after conv1/pool1 and conv2,
+  (docs/reference.md §3.2): conv + bias + ReLU, LRN after conv1/pool1 and conv2,
   Caffe ceil-mode max pooling, no BatchNorm, no auxiliary heads.  Parameters are
   named after the Caffe layers with '/' replaced by '_' (``conv1_7x7_s2``,
   ``inception_3a_5x5_reduce``, ...) so that ``weights.bvlc_params_from_caffe`` is
@@ -18,14 +18,16 @@ Layout: images and feature maps NHWC (CONTRIBUTING.md).  Parameters are float32;
 ``dtype`` is the compute dtype.  LRN and BatchNorm statistics are computed in
 float32 whatever ``dtype`` is.
 
-Speed (XLA:CPU; experiments/bench/backbone_step.py), all exact:
+Speed, all exact:
 * an inception block's three 1x1 convs reading the same input (1x1, 3x3_reduce,
-  5x5_reduce) run as ONE matmul on concatenated kernels (``fuse_1x1``);
-* 1x1 convs are matmuls, so their gradients are matmuls;
-* k>1 convs keep XLA's forward and input gradient but compute the kernel
-  gradient as k*k GEMMs (``conv_weight_grad_fast``), and max pooling has a
-  slice-based VJP with Caffe's first-max routing; XLA:CPU's default versions of
-  these two gradients dominated the naive step.
+  5x5_reduce) run as ONE conv on concatenated kernels (``fuse_1x1``);
+* kernels chosen per backend (:mod:`deml_jax.models.kernels`): on CPU
+  ('custom') 1x1 convs are matmuls, k>1 convs keep XLA's forward and input
+  gradient but compute the kernel gradient as k*k GEMMs
+  (``conv_weight_grad_fast``), and max pooling has a slice-based VJP with
+  Caffe's first-max routing (XLA:CPU's default versions of these two gradients
+  dominated the naive step, experiments/bench/backbone_step.py); on GPU/TPU
+  ('native') XLA's own convolution and select-and-scatter gradients.
 """
 from __future__ import annotations
 
@@ -38,12 +40,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from deml_jax.models import kernels as kernel_choice
+
 # ---------------------------------------------------------------------------
 # Architecture tables.
 # ---------------------------------------------------------------------------
 VARIANTS = ("bvlc", "torchvision_bn")
 
-# (c1x1, c3x3_reduce, c3x3, c5x5_reduce, c5x5, pool_proj): deml-reference.md §3.2
+# (c1x1, c3x3_reduce, c3x3, c5x5_reduce, c5x5, pool_proj): docs/reference.md §3.2
 # table; identical numbers in torchvision's GoogLeNet.
 INCEPTION_CFG = {
     "3a": (64, 96, 128, 16, 32, 32),
@@ -168,15 +172,18 @@ def _pool_window_slice(xp, i, j, out_h, out_w, s):
                      (1, s, s, 1))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def max_pool_ceil(x: jax.Array, k: int, s: int, p: int = 0) -> jax.Array:
     """Max pool [B,H,W,C] -> [B,H',W',C], Caffe ceil mode, padding acts as -inf.
 
-    Backward routes each output gradient to the FIRST maximum of its window in
-    row-major order, like Caffe's argmax mask (and torch); it is written as k*k
-    strided slices and pads because XLA:CPU's select-and-scatter (the default
-    gradient of reduce_window) was ~3x slower here (experiments/bench).
+    The gradient is the CPU-tuned first-max VJP (:func:`max_pool_ceil_custom`)
+    or XLA's select-and-scatter, per :func:`deml_jax.models.kernels.resolve`.
     """
+    if kernel_choice.resolve() == "custom":
+        return max_pool_ceil_custom(x, k, s, p)
+    return _max_pool_raw(x, k, s, p)
+
+
+def _max_pool_raw(x, k, s, p):
     _, h, w, _ = x.shape
     _, hl, hh = ceil_pool_padding(h, k, s, p)
     _, wl, wh = ceil_pool_padding(w, k, s, p)
@@ -184,8 +191,20 @@ def max_pool_ceil(x: jax.Array, k: int, s: int, p: int = 0) -> jax.Array:
                              ((0, 0), (hl, hh), (wl, wh), (0, 0)))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def max_pool_ceil_custom(x: jax.Array, k: int, s: int, p: int = 0) -> jax.Array:
+    """:func:`max_pool_ceil` with the slice-based first-max VJP ('custom' kernels).
+
+    Backward routes each output gradient to the FIRST maximum of its window in
+    row-major order, like Caffe's argmax mask (and torch); it is written as k*k
+    strided slices and pads because XLA:CPU's select-and-scatter (the default
+    gradient of reduce_window) was ~3x slower here (experiments/bench).
+    """
+    return _max_pool_raw(x, k, s, p)
+
+
 def _max_pool_fwd(x, k, s, p):
-    y = max_pool_ceil(x, k, s, p)
+    y = _max_pool_raw(x, k, s, p)
     return y, (x, y)
 
 
@@ -211,7 +230,7 @@ def _max_pool_bwd(k, s, p, res, dy):
     return (dxp[:, hl:hl + h, wl:wl + w, :],)
 
 
-max_pool_ceil.defvjp(_max_pool_fwd, _max_pool_bwd)
+max_pool_ceil_custom.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def local_response_norm(x: jax.Array, *, size: int = LRN_SIZE,
@@ -239,12 +258,17 @@ def local_response_norm(x: jax.Array, *, size: int = LRN_SIZE,
 def conv2d(x, kernel, bias, *, stride: int = 1, pad: int = 0, dtype=jnp.float32):
     """NHWC x HWIO convolution, output ``floor((H + 2p - k) / s) + 1`` (§3.2).
 
-    1x1 stride-1 convs are matmuls (their gradients are matmuls too); other convs
-    use ``conv_weight_grad_fast`` for the kernel gradient.
+    With 'custom' kernels (CPU default, :mod:`deml_jax.models.kernels`) 1x1
+    stride-1 convs are matmuls (their gradients are matmuls too) and other convs
+    use ``conv_weight_grad_fast`` for the kernel gradient; with 'native' kernels
+    (GPU/TPU default) every conv is ``lax.conv_general_dilated`` with XLA's
+    gradients.
     """
     x, kernel = x.astype(dtype), kernel.astype(dtype)
     k = kernel.shape[0]
-    if k == 1 and stride == 1 and pad == 0:
+    if kernel_choice.resolve() == "native":
+        y = _conv_raw(x, kernel, stride, pad)
+    elif k == 1 and stride == 1 and pad == 0:
         y = jnp.dot(x, kernel[0, 0])
     else:
         y = _conv(x, kernel, stride, pad)

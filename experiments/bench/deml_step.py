@@ -57,7 +57,7 @@ def main():
     config = common.make_config("cub200", "deml")
     config.model.dtype, config.model.backbone = args.dtype, args.backbone
     config.dataset.crop_size = args.size
-    model, tx = train.create_model(config), optim.make_optimizer(config.optim)
+    model, tx = train.create_model(config), optim.make_optimizer(config.optim, total_steps=config.total_steps)
     step_fn = train.make_train_step(model, tx, config)
     run = jax.pmap(step_fn, axis_name="data", donate_argnums=(0,))
     state = train.initial_state(config, model, tx, jax.random.PRNGKey(0))
