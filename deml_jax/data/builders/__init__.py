@@ -25,6 +25,7 @@ from deml_jax.data.builders import base
 from deml_jax.data.builders.cars196 import DemlCars196
 from deml_jax.data.builders.cub200 import DemlCub200
 from deml_jax.data.builders.digits import DIGITS_IMAGE_SIZE, DemlDigits
+from deml_jax.data.builders.fashion_mnist import FASHION_IMAGE_SIZE, DemlFashionMnist
 from deml_jax.data.builders.image_folder import DemlImageFolder
 from deml_jax.data.builders.inshop import DemlInshop
 from deml_jax.data.builders.sop import DemlSop
@@ -35,9 +36,20 @@ REGISTRY: dict[str, type[base.DemlBuilder]] = {
     'sop': DemlSop,
     'inshop': DemlInshop,
     'digits': DemlDigits,
+    'fashion_mnist': DemlFashionMnist,
     'image_folder': DemlImageFolder,
 }
 BUILDER_KWARGS = ('allow_skip_unreadable', 'expected_counts')
+
+
+def _drop_tfds_notices(record: logging.LogRecord) -> bool:
+    """absl-logger filter: TFDS's "Using custom data configuration" warning (every
+    builder of ours has a custom config) only with --verbosity >= 0."""
+    return base.verbose() or not str(record.msg).startswith('Using custom data configuration')
+
+
+if _drop_tfds_notices not in logging.getLogger('absl').filters:
+    logging.getLogger('absl').addFilter(_drop_tfds_notices)
 
 
 def _builder_class(name: str) -> type[base.DemlBuilder]:
@@ -51,6 +63,16 @@ def default_config_name(name: str, options: dict) -> str:
     prefix = ''
     if name == 'digits' and options.get('image_size', DIGITS_IMAGE_SIZE) != (DIGITS_IMAGE_SIZE):
         prefix = f'size{int(options["image_size"])}'
+    if name == 'fashion_mnist':
+        parts = []
+        if options.get('image_size', FASHION_IMAGE_SIZE) != FASHION_IMAGE_SIZE:
+            parts.append(f'size{int(options["image_size"])}')
+        if options.get('train_classes') is not None:
+            from deml_jax.data.builders.fashion_mnist import parse_train_classes
+            seen = parse_train_classes(options['train_classes'])
+            if seen != parse_train_classes(None):
+                parts.append('seen' + ''.join(str(c) for c in seen))
+        prefix = '_'.join(parts)
     return base.config_name(options.get('val_classes', 0), options.get('resize_pad'), prefix)
 
 
@@ -97,7 +119,12 @@ def prepare(name: str, manual_dir: str | None, data_dir: str, **options) -> base
     dl_config = tfds.download.DownloadConfig(
         manual_dir=os.path.expanduser(manual_dir) if manual_dir else None
     )
-    builder.download_and_prepare(file_format='array_record', download_config=dl_config)
+    bars = tfds.core.utils.tqdm_utils._active  # pylint: disable=protected-access
+    tfds.display_progress_bar(base.verbose())  # TFDS's bars only with --verbosity >= 0
+    try:
+        builder.download_and_prepare(file_format='array_record', download_config=dl_config)
+    finally:
+        tfds.display_progress_bar(bars)
     write_label_cache(builder)
     skipped = [p for paths in builder.unreadable.values() for p in paths]
     if skipped:

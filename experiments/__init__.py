@@ -1,0 +1,1 @@
+"""Experiments: benchmarks (experiments/bench/) and sweeps (python -m experiments.sweep)."""

@@ -1,0 +1,1 @@
+"""Sweep files for ``python -m experiments.sweep`` (each defines ``get_sweep()``)."""
