@@ -4,7 +4,7 @@ Per image x: ``L_div(x) = sum_{i != j} max(0, m_div - ||f_i(x) - f_j(x)||^2)``
 over ordered learner pairs [RECALLED paper form, structure confirmed by two
 third-party implementations], averaged over the valid images. For unit vectors
 this is ``2 max(0, <f_i, f_j> - (1 - m_div / 2))``: HORDE's cosine threshold 0.5
-is m_div = 1, the PyTorch ABE_loss's 0.2 is m_div = 1.6 (§3.2 table).
+is m_div = 1, the PyTorch ABE_loss's 0.2 is m_div = 1.6 (related-methods.md §3.2 table).
 
 ``all_pairs=True`` is HORDE's variant: learner pairs k != l over ALL ordered
 image pairs (n, n'), n = n' included, averaged over the valid image pairs
@@ -19,7 +19,7 @@ from deml_jax.losses.binomial import as_float, check_mask, safe_l2_normalize
 
 
 def abe_divergence(embeddings, *, margin_div, mask=None, all_pairs=False, normalize=False):
-    """ABE divergence (§3.2), see the module docstring.
+    """ABE divergence (related-methods.md §3.2), see the module docstring.
 
     Args:
       embeddings: [M, B, D] learner embeddings f_m(x_b) (ABE's are already

@@ -2,7 +2,7 @@
 
 ``L_c = (1 - y) 1/2 d^2 + y 1/2 max(0, m_c - d)^2`` (y = 1 for a different-class
 pair), d the Euclidean distance between L2-normalised embeddings [RECALLED paper
-form, §3.2; m_c is not known from the paper].
+form, related-methods.md §3.2; m_c is not known from the paper].
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from deml_jax.losses.pairwise import (check_labels, masked_mean, pair_masks, saf
 
 
 def contrastive_loss(embeddings, labels, *, margin, mask=None):
-    """Contrastive loss over all unordered pairs i<k of valid rows (§3.2).
+    """Contrastive loss over all unordered pairs i<k of valid rows (related-methods.md §3.2).
 
     ``L = (1/n_pairs) [ sum_pos 1/2 d_ik^2 + sum_neg 1/2 max(0, margin - d_ik)^2 ]``,
     ``d_ik = ||x^_i - x^_k||`` with x^ the L2-normalised embeddings (a zero vector

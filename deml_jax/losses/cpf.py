@@ -18,7 +18,7 @@ import numpy as np
 from deml_jax.losses.binomial import as_float, check_mask, safe_l2_normalize
 from deml_jax.losses.pairwise import check_labels
 
-# §4.2, `Running Scripts CPF.sh` (per dataset) and `parameters.py` (defaults,
+# related-methods.md §4.2, `Running Scripts CPF.sh` (per dataset) and `parameters.py` (defaults,
 # used for the datasets the paper's scripts do not cover, e.g. In-Shop).
 _CODE_DEFAULTS = dict(tau=0.2, psi=0.2, s_p=1.0, s_n=1.0, mu=0.0, b=2.0)
 CPF_DEFAULTS = {
@@ -30,7 +30,7 @@ CPF_DEFAULTS = {
 
 
 def cpf_defaults(dataset):
-    """The §4.2 hyper-parameters for ``dataset`` (code defaults for any other name)."""
+    """The related-methods.md §4.2 hyper-parameters for ``dataset`` (code defaults for any other name)."""
     return dict(CPF_DEFAULTS.get(dataset, CPF_DEFAULTS["default"]))
 
 
@@ -45,13 +45,13 @@ def _check_label_range(labels, n_classes):
 
 
 def cpf_loss(embeddings, labels, proxies, *, tau, psi, s_p, s_n, mu, b, mask=None):
-    """CPF loss (§4.1), see the module docstring.
+    """CPF loss (related-methods.md §4.1), see the module docstring.
 
     Args:
       embeddings: [B, D] any float dtype (normalised inside).
       labels: int [B], class indices into ``proxies``.
       proxies: [C, D] learned class proxies (normalised inside).
-      tau, psi, s_p, s_n, mu, b: §4.1 (see ``CPF_DEFAULTS`` for §4.2's values).
+      tau, psi, s_p, s_n, mu, b: related-methods.md §4.1 (see ``CPF_DEFAULTS`` for related-methods.md §4.2's values).
       mask: optional bool [B]; False rows add nothing to TP, L_P, L_N.
 
     Returns:

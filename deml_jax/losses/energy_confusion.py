@@ -2,13 +2,13 @@
 
 ``E = sum_{(i,j) in S} 1/2 ||z_i - z_j||^2 / n_neg`` over a set S of
 different-class pairs and ``L_ec = log(E + eps)`` (the layer reports E; log E
-is what its backward minimises, §2.2.4). z is the output of the shared-weight
+is what its backward minimises, related-methods.md §2.2.4). z is the output of the shared-weight
 copy of the embedding layer on stop-gradient features (built by the model; the
-weight-row-norm regulariser of §2.3 is ``losses.row_norm_penalty``).
+weight-row-norm regulariser of related-methods.md §2.3 is ``losses.row_norm_penalty``).
 
 The released layer samples R = 10 partners j > i + 1 per anchor from a
-pair-ordered list, i.e. different-class partners only (§2.2.5); here the
-negatives are sampled explicitly (§2.2 recommended form):
+pair-ordered list, i.e. different-class partners only (related-methods.md §2.2.5); here the
+negatives are sampled explicitly (related-methods.md §2.2 recommended form):
   - ``"random"``: R different-class partners per anchor, without replacement,
     from a jax.random key (anchors with fewer take all they have; the pair
     (i, j) counts once per anchor that drew it);
@@ -23,7 +23,7 @@ from deml_jax.losses.binomial import as_float, check_mask
 from deml_jax.losses.pairwise import (check_labels, pair_masks, random_partners, require_key,
                                       sq_dists, upper)
 
-# §2.6: random_num 10 (R), loss_weight 0.13 (applied by the caller).
+# related-methods.md §2.6: random_num 10 (R), loss_weight 0.13 (applied by the caller).
 EC_PARTNERS = 10
 EC_WEIGHT = 0.13
 PAIRS = ("all_neg", "random")
@@ -31,7 +31,7 @@ PAIRS = ("all_neg", "random")
 
 def energy_confusion(z, labels, *, pairs="all_neg", num_partners=EC_PARTNERS, key=None,
                      mask=None, eps=1e-12):
-    """``log(E + eps)``, E the pair-count-normalised half squared distances (§2.2).
+    """``log(E + eps)``, E the pair-count-normalised half squared distances (related-methods.md §2.2).
 
     Args:
       z: [B, D] any float dtype, unnormalised (the confusion branch's output).

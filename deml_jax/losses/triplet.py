@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from deml_jax.losses.binomial import _learner_stack, check_mask, safe_l2_normalize
 from deml_jax.losses.pairwise import check_labels, masked_mean, pair_masks, require_key
 
-# §2.5: RankHardLoss margin in the ECAML prototxts.
+# related-methods.md §2.5: RankHardLoss margin in the ECAML prototxts.
 TRIPLET_MARGIN = 0.1
 NEGATIVES = ("hard", "random")
 

@@ -67,7 +67,7 @@ def test_gradient_matches_finite_differences(all_pairs):
 @pytest.mark.parametrize("m", [2, 4])
 @pytest.mark.parametrize("all_pairs", [False, True])
 def test_agreeing_learners_give_m_m1_mdiv(m, all_pairs):
-    # §3.6 (ii): every learner outputs the same vector (for all_pairs: every image too).
+    # related-methods.md §3.6 (ii): every learner outputs the same vector (for all_pairs: every image too).
     v = _learners(2, m=1, b=1)[0, 0]
     v = v / np.linalg.norm(v)
     shape = (m, 6, 4)
@@ -79,7 +79,7 @@ def test_agreeing_learners_give_m_m1_mdiv(m, all_pairs):
 
 
 def test_learners_far_apart_give_zero():
-    # §3.6 (ii): pairwise d^2 >= m_div, here orthogonal directions at d = sqrt(m_div).
+    # related-methods.md §3.6 (ii): pairwise d^2 >= m_div, here orthogonal directions at d = sqrt(m_div).
     m_div, m, b = 1.5, 3, 4
     r = np.sqrt(m_div / 2)               # ||r e_k - r e_l||^2 = 2 r^2 = m_div
     f = np.zeros((m, b, 5), np.float32)

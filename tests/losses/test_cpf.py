@@ -12,12 +12,12 @@ from deml_jax.losses import CPF_DEFAULTS, cpf_defaults, cpf_loss
 # Jitted once per shape: far cheaper on CPU than op-by-op execution.
 _loss = jax.jit(cpf_loss, static_argnames=("tau", "psi", "s_p", "s_n", "mu", "b"))
 
-CUB = dict(tau=0.38, psi=0.2, s_p=9.0, s_n=9.0, mu=0.0, b=2.0)   # §4.2 CUB column
-SOP = dict(tau=0.38, psi=0.2, s_p=3.0, s_n=8.0, mu=1.0, b=2.0)   # §4.2 SOP column
+CUB = dict(tau=0.38, psi=0.2, s_p=9.0, s_n=9.0, mu=0.0, b=2.0)   # related-methods.md §4.2 CUB column
+SOP = dict(tau=0.38, psi=0.2, s_p=3.0, s_n=8.0, mu=1.0, b=2.0)   # related-methods.md §4.2 SOP column
 
 
 def ref_cpf(x, proxies, labels, tau, psi, s_p, s_n, mu, b, mask=None, frozen_at=None):
-    """§4.1 by loops. With ``frozen_at=(x0, P0)`` the exp weights are constants
+    """related-methods.md §4.1 by loops. With ``frozen_at=(x0, P0)`` the exp weights are constants
     taken at (x0, P0) (what the detached weights mean for the gradient)."""
     def cosines(x, p):
         x = np.asarray(x, np.float64)
@@ -141,7 +141,7 @@ def test_mask_equals_dropping_rows():
 
 
 def test_defaults_are_the_released_scripts():
-    # §4.2 table, copied by hand.
+    # related-methods.md §4.2 table, copied by hand.
     assert cpf_defaults("cub200") == CUB and cpf_defaults("cars196") == CUB
     assert cpf_defaults("sop") == SOP
     code = dict(tau=0.2, psi=0.2, s_p=1.0, s_n=1.0, mu=0.0, b=2.0)

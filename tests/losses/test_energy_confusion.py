@@ -63,7 +63,7 @@ def test_large_offset_is_accurate():
 
 
 def test_gradient_matches_finite_differences():
-    # §2.9 (i): a 4-sample batch, 'all_neg'.
+    # related-methods.md §2.9 (i): a 4-sample batch, 'all_neg'.
     z = np.random.default_rng(2).normal(size=(4, 3)).astype(np.float32)
     labels = np.array([0, 0, 1, 2], np.int32)
     grad = jax.jit(jax.grad(lambda v: energy_confusion(v, jnp.asarray(labels))[0]))(jnp.asarray(z))
@@ -73,7 +73,7 @@ def test_gradient_matches_finite_differences():
 
 @pytest.mark.parametrize("s", [3.7, 0.25])
 def test_scaling_z_adds_two_log_s(s):
-    # §2.9 (iv).
+    # related-methods.md §2.9 (iv).
     z, labels = _batch(3)
     base, _ = _ec(z, labels)
     scaled, _ = _ec(np.float32(s) * z, labels)
@@ -169,7 +169,7 @@ def test_bfloat16_input_gives_float32_loss():
 
 
 def test_common_offset_gets_no_gradient():
-    # §2.2.6 / §2.9 (ii): the bias b of z = W sg(p) + b cancels in z_i - z_j.
+    # related-methods.md §2.2.6 / §2.9 (ii): the bias b of z = W sg(p) + b cancels in z_i - z_j.
     z, labels = _batch(12, scale=2.0)
     g = jax.jit(jax.grad(lambda c: energy_confusion(jnp.asarray(z) + c, jnp.asarray(labels))[0]))(
         jnp.full((5,), 0.7, jnp.float32))
