@@ -349,18 +349,12 @@ def bench_oam_share(rec, args):
 
 def bench_knn(rec, args):
     from deml_jax.evaluation import retrieval_metrics
-    n, dim = args.knn_n, 504
-    rng = np.random.default_rng(0)
-    sizes = []
-    while sum(sizes) < n:
-        sizes.append(int(rng.integers(2, 13)))
-    sizes[-1] -= sum(sizes) - n
-    if sizes[-1] < 2:
-        sizes[-2] += sizes.pop()
-    labels = np.repeat(np.arange(len(sizes)), sizes).astype(np.int32)
-    centres = rng.normal(size=(len(sizes), dim)).astype(np.float32)
-    x = centres[labels] + 3.5 * rng.normal(size=(n, dim)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from knn import make_data  # experiments/bench/knn.py: SOP-like classes of 2..12
+
+    n = args.knn_n
+    x, labels = make_data("sop", n=n)
+    labels = labels.astype(np.int32)
     ks = tuple(k for k in (1, 10, 100, 1000) if k < n)
     t = time.perf_counter()
     out = retrieval_metrics(jnp.asarray(x), jnp.asarray(labels), ks=ks)

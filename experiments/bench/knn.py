@@ -36,8 +36,10 @@ NOISE = 3.5  # per-dim noise vs unit-variance class centres: R@1 ~ 0.6 at CUB sc
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 
-def make_data(scale: str, seed: int = 0):
-    n, n_cls, _ = SCALES[scale]
+def make_data(scale: str, seed: int = 0, n: int | None = None):
+    """Synthetic L2-normalised embeddings and labels (``n`` overrides the scale's size)."""
+    n_default, n_cls, _ = SCALES[scale]
+    n = n or n_default
     rng = np.random.default_rng(seed)
     if n_cls is None:  # SOP: classes of 2..12 images
         sizes = []

@@ -25,6 +25,8 @@ def get_config(arg="ecaml"):
     c.model.update(embedding_dim=8, backbone="tiny")
     if method == "deml":
         c.model.update(num_branches=2, num_learners=2)
+    if method == "abe":
+        c.model.num_learners = 2  # ABE-2: the same code path as ABE-8 at a quarter of the cost
     c.optim.update(base_lr=1e-3, schedule="constant")
     methods.set_run_length(c, 4)
     c.update(log_every_steps=1, eval_every_steps=100, checkpoint_every_steps=2,

@@ -4,7 +4,9 @@ split is evaluated, and the pretrained trunk lands where the method says.
 
 DeML itself is covered by tests/test_train.py and tests/test_parallel.py; U512
 is DeML(1, 1) with another config (its method module only checks that shape),
-so it is left to those and to test_registry's config checks (CPU time).
+so it is left to those and to test_registry's config checks (CPU time).  ABE
+runs with M = 2 learners here; where its pretrained trunks go is tested in
+test_abe_method.py (it fills two trunks).
 """
 
 import os
@@ -18,7 +20,7 @@ from deml_jax import config_lib, methods, parallel, train
 from deml_jax.data import builders
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-METHODS = ("ecaml", "cpf")
+METHODS = ("ecaml", "cpf", "abe")
 TOTAL = 4
 
 
@@ -93,7 +95,7 @@ def test_trains_evaluates_and_resumes_bitwise(method, data_dir, tmp_path):
     chex.assert_trees_all_equal(a["opt_state"], b["opt_state"])
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ("ecaml", "cpf"))
 def test_pretrained_trunk_goes_into_the_trunk(method, tmp_path):
     from deml_jax.models.tiny import TinyNet
     from deml_jax.models.weights import save_converted
