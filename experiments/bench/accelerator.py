@@ -42,6 +42,7 @@ import sys
 import time
 import traceback
 
+import flax.jax_utils
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,6 +148,8 @@ def method_config(path, args, dtype):
 def synthetic_batch(config, batch, size, rng):
     ipc = config.dataset.images_per_class
     labels = np.repeat(np.arange(batch // ipc), ipc).astype(np.int32)
+    if len(labels) != batch:
+        raise ValueError(f"batch {batch} is not a whole number of {ipc}-image classes")
     images = rng.uniform(-120, 130, (1, batch, size, size, 3)).astype(np.float32)
     return {"image": images, "label": labels[None]}
 
@@ -155,13 +158,15 @@ def bench_method(rec, name, path, args, dtype):
     from deml_jax import train
     config = method_config(path, args, dtype)
     batch = args.batch or config.dataset.global_batch_size
-    if args.reduced:
+    if args.reduced:  # a small batch of 2-image classes in at most its released groups
         config.dataset.global_batch_size = batch
+        config.dataset.images_per_class = 2
+        config.parallel.loss_groups = max(1, min(config.parallel.loss_groups, batch // 4))
     model, tx = train.create_model(config), train.create_optimizer(config)
     run = jax.pmap(train.make_train_step(model, tx, config), axis_name="data",
                    devices=jax.local_devices()[:1], donate_argnums=(0,))
     state = train.initial_state(config, model, tx, jax.random.PRNGKey(0))
-    state = jax.device_put_replicated(state, jax.local_devices()[:1])
+    state = flax.jax_utils.replicate(state, jax.local_devices()[:1])
     data = synthetic_batch(config, batch, config.dataset.crop_size, np.random.default_rng(0))
     t = time.perf_counter()
     compiled = run.lower(state, data).compile()
@@ -209,7 +214,7 @@ def googlenet_step_jax(variant, batch, size, steps, dtype="float32"):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(batch, size, size, 3)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 1000, batch))
-    variables = model.init(jax.random.PRNGKey(0), x[:1])
+    variables = model.init(jax.random.PRNGKey(0), x[:1], stop="logits" if tv else "pool5")
     tx = optax.adam(1e-4)
     opt = tx.init(variables["params"])
 
