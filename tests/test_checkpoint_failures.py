@@ -158,10 +158,11 @@ def test_disk_full_is_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, monk
     assert ckpt2.latest_step() == 2
     assert "4" not in os.listdir(tmp_path / "checkpoints")
     assert_state(ckpt2.restore_or_none(target())[0], 2)
-    # Space freed: saving works again.  (Step 6, not 4: in this same process,
-    # tensorstore may still be finishing the abandoned step-4 array write.)
-    assert ckpt2.save(6, make_state(6), force=True)
     ckpt2.close()
+    # Saving again after space is freed is checked in a new process, as a user's
+    # rerun does (tests/test_workdir.py::test_disk_full_during_training): in this
+    # process tensorstore may still be finishing the abandoned step-4 array write,
+    # and orbax's clean-up of its tmp directory then races with it (seen in CI).
 
 
 def test_read_only_on_a_missing_workdir_creates_nothing(tmp_path):
