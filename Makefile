@@ -11,7 +11,7 @@ PYTEST_ARGS ?= -q
 # scripts deml-train, deml-evaluate, ... on the venv's PATH; see README "Install").
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
@@ -42,7 +42,7 @@ FLOOR_TESTS ?= tests/models/test_kernels.py tests/losses tests/ops/test_grad_rev
 
 $(VENV_FLOOR)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV_FLOOR)
-	$(VENV_FLOOR)/bin/python -m pip install -q --upgrade pip
+	$(VENV_FLOOR)/bin/python -m pip install -q --upgrade pip setuptools wheel
 	sed -e 's/^jax==.*/jax==$(JAX_FLOOR)/' -e 's/^jaxlib==.*/jaxlib==$(JAX_FLOOR)/' requirements.txt > $(VENV_FLOOR)/requirements-floor.txt
 	sed -e 's/^-r requirements.txt/-r requirements-floor.txt/' requirements-test.txt > $(VENV_FLOOR)/requirements-test-floor.txt
 	$(VENV_FLOOR)/bin/python -m pip install -q -r $(VENV_FLOOR)/requirements-test-floor.txt
