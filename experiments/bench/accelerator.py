@@ -3,7 +3,7 @@
 Run on one GPU/TPU (synthetic data and random init: no dataset, no weights)::
 
     python experiments/bench/accelerator.py --out runs/bench/accelerator
-    python experiments/bench/accelerator.py --reduced --out /tmp/acc   # CPU smoke (CI)
+    python experiments/bench/accelerator.py --reduced --out runs/bench/accelerator_cpu   # CPU smoke (CI)
 
 It measures, in one process on one device:
 
