@@ -23,6 +23,6 @@ import test_parallel as tp  # noqa: E402
 local = jax.local_device_count()
 batches = [{k: v[process_id * local:(process_id + 1) * local] for k, v in b.items()}
            for b in tp.synthetic_batches(num_processes * local, 4, tp.STEPS)]
-state, _ = tp.run_steps(tp.tiny_config(loss_scope="device"), batches, jax.local_devices())
+state, _ = tp.run_steps(tp.parity_config(loss_scope="device"), batches, jax.local_devices())
 np.savez(os.path.join(out_dir, f"params_p{process_id}.npz"), **tp.flatten_tree(state["params"]))
 jax.distributed.shutdown()
