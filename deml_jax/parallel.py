@@ -102,20 +102,5 @@ def make_launcher(kind: str, step_fn, devices=None):
     raise ValueError(f"config.parallel.launcher must be one of {LAUNCHERS}, got {kind!r}")
 
 
-def gather_for_loss(x, loss_scope: str, axis: int = 0):
-    """The loss scope of §5.4: the local sub-batch, or every device's rows.
-
-    ``'global'`` all-gathers along the batch ``axis``; the transpose of
-    ``all_gather`` sums the cotangents of every device's copy of the loss, so
-    after the ``pmean`` of gradients the update equals one device computing
-    the loss on the whole global batch.
-    """
-    if loss_scope == "device":
-        return x
-    if loss_scope == "global":
-        return jax.lax.all_gather(x, AXIS, axis=axis, tiled=True)
-    raise ValueError(f"config.parallel.loss_scope must be 'device' or 'global', got {loss_scope!r}")
-
-
 def tree_pmean(tree):
     return jax.tree.map(lambda x: jax.lax.pmean(x, AXIS), tree)

@@ -142,11 +142,9 @@ def test_loss_groups_do_not_depend_on_the_device_count():
     assert abs(loss_of(slice(0, 8)) - halves) > 1e-3 * abs(halves)
 
 
-def test_unknown_launcher_and_scope_are_named():
+def test_unknown_launcher_is_named():
     with pytest.raises(ValueError, match="config.parallel.launcher"):
         parallel.make_launcher("pjit", lambda s, b: (s, {}))
-    with pytest.raises(ValueError, match="config.parallel.loss_scope"):
-        parallel.gather_for_loss(np.zeros(3), "host")
 
 
 @pytest.mark.slow
