@@ -71,6 +71,14 @@ def paired(rows: Sequence[Mapping], row: str, reference: str, key: str):
     return mean_std(diffs)
 
 
+def training_gain(rows: Sequence[Mapping], row: str, metric: str):
+    """(mean, std, n) over the runs of ``row`` of trained − untrained ``metric``
+    (each run against its own control: same seed, same initialisation)."""
+    return mean_std(r[TEST + metric] - r[UNTRAINED + metric] for r in rows
+                    if r["row"] == row and r.get(TEST + metric) is not None
+                    and r.get(UNTRAINED + metric) is not None)
+
+
 def _fmt(m, s, n, digits=4) -> str:
     if not n:
         return "–"
@@ -110,6 +118,20 @@ def markdown(rows: Sequence[Mapping], *, name: str, reference,
             ctl = [f"`{row}` untrained", cells[1]]
             ctl += [_fmt(*mean_std(r.get(UNTRAINED + m) for r in rs)) for m in shown]
             lines.append("| " + " | ".join(ctl + ["0", "", "", ""]) + " |")
+    controlled = [n for n in row_names(rows)
+                  if any(training_gain(rows, n, m)[2] for m in shown)]
+    if controlled:
+        lines += ["", "## Training against its untrained control", "",
+                  "Per run: trained − untrained (the same seed's network at its "
+                  "initialisation); mean ± sample std over the runs (n). A difference "
+                  "within about two std of 0 is not evidence that training helped.", ""]
+        head = ["row", "runs"] + [f"Δ {m}" for m in shown]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for row in controlled:
+            stats = [training_gain(rows, row, m) for m in shown]
+            n = max(st[2] for st in stats)
+            lines.append("| " + " | ".join([f"`{row}`", str(n)] + [
+                _fmt(*st) if st[2] else "–" for st in stats]) + " |")
     refs = [reference] if isinstance(reference, str) else list(reference or ())
     for ref in refs:
         # With several references (one per dataset, 'digits.deml', 'fashion.deml'),

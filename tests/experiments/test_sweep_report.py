@@ -44,6 +44,13 @@ def test_paired_differences_by_hand(rows):
     assert (m, s, n) == (pytest.approx(-0.05, abs=1e-9), pytest.approx(0.0707106781, abs=1e-9), 2)
 
 
+def test_training_gain_by_hand(rows):
+    # a: trained 0.5, 0.6, 0.7 against its controls 0.1 each -> 0.4, 0.5, 0.6
+    m, s, n = sweep_report.training_gain(rows, "a", "recall@1")
+    assert (m, s, n) == (pytest.approx(0.5, abs=1e-9), pytest.approx(0.1, abs=1e-9), 3)
+    assert sweep_report.training_gain(rows, "b", "recall@1")[2] == 0  # b has no control
+
+
 def test_markdown_table(rows):
     md = sweep_report.markdown(rows, name="fixed", reference="a", expected_runs=9)
     assert "8 finished run(s) of 9" in md
@@ -53,6 +60,8 @@ def test_markdown_table(rows):
     assert "`b` untrained" not in md  # no control measured for b
     assert "| `b` | 3 | 0.0500 ± 0.0500 |" in md
     assert "| `c` | 2 | -0.0500 ± 0.0707 |" in md
+    gain = md.split("## Training against its untrained control")[1].split("## Paired")[0]
+    assert "| `a` | 3 | 0.5000 ± 0.1000 |" in gain and "`b`" not in gain
 
 
 def test_csv_round_trip_and_pictures(rows, tmp_path):
