@@ -85,6 +85,17 @@ def _fmt(m, s, n, digits=4) -> str:
     return f"{m:.{digits}f}" if s is None else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def _delta_table(stats_by_row: Mapping[str, list], shown: Sequence[str], count: str) -> list[str]:
+    """Markdown lines of a difference table: per row, the largest n and Δ per metric."""
+    lines = ["| " + " | ".join(["row", count] + [f"Δ {m}" for m in shown]) + " |",
+             "|" + "---|" * (len(shown) + 2)]
+    for row, stats in stats_by_row.items():
+        n = max((st[2] for st in stats), default=0)
+        lines.append("| " + " | ".join([f"`{row}`", str(n)] + [
+            _fmt(*st) if st[2] else "–" for st in stats]) + " |")
+    return lines
+
+
 def row_names(rows: Sequence[Mapping]) -> list[str]:
     seen: list[str] = []
     for r in rows:
@@ -118,20 +129,14 @@ def markdown(rows: Sequence[Mapping], *, name: str, reference,
             ctl = [f"`{row}` untrained", cells[1]]
             ctl += [_fmt(*mean_std(r.get(UNTRAINED + m) for r in rs)) for m in shown]
             lines.append("| " + " | ".join(ctl + ["0", "", "", ""]) + " |")
-    controlled = [n for n in row_names(rows)
-                  if any(training_gain(rows, n, m)[2] for m in shown)]
-    if controlled:
+    gains = {n: [training_gain(rows, n, m) for m in shown] for n in row_names(rows)}
+    gains = {n: st for n, st in gains.items() if any(x[2] for x in st)}
+    if gains:
         lines += ["", "## Training against its untrained control", "",
                   "Per run: trained − untrained (the same seed's network at its "
                   "initialisation); mean ± sample std over the runs (n). A difference "
                   "within about two std of 0 is not evidence that training helped.", ""]
-        head = ["row", "runs"] + [f"Δ {m}" for m in shown]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for row in controlled:
-            stats = [training_gain(rows, row, m) for m in shown]
-            n = max(st[2] for st in stats)
-            lines.append("| " + " | ".join([f"`{row}`", str(n)] + [
-                _fmt(*st) if st[2] else "–" for st in stats]) + " |")
+        lines += _delta_table(gains, shown, "runs")
     refs = [reference] if isinstance(reference, str) else list(reference or ())
     for ref in refs:
         # With several references (one per dataset, 'digits.deml', 'fashion.deml'),
@@ -144,13 +149,8 @@ def markdown(rows: Sequence[Mapping], *, name: str, reference,
         if ref not in row_names(rows):
             lines.append(f"(reference row `{ref}` has no finished run yet)")
             continue
-        head = ["row", "pairs"] + [f"Δ {m}" for m in shown]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for row in group:
-            stats = [paired(rows, row, ref, TEST + m) for m in shown]
-            n = max((st[2] for st in stats), default=0)
-            lines.append("| " + " | ".join([f"`{row}`", str(n)] + [
-                _fmt(*st) if st[2] else "–" for st in stats]) + " |")
+        lines += _delta_table({row: [paired(rows, row, ref, TEST + m) for m in shown]
+                               for row in group}, shown, "pairs")
     if cost:
         lines += ["", cost]
     return "\n".join(lines) + "\n"

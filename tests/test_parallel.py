@@ -58,9 +58,14 @@ def synthetic_batches(num_devices, per_device, steps, size=32, seed=0):
     return out
 
 
-def run_steps(config, batches, devices, launcher="pmap"):
+def start(config):
+    """(model, optimiser, state at PRNGKey(0)): where run_steps starts from."""
     model, tx = train.create_model(config), make_optimizer(config.optim, total_steps=config.total_steps)
-    state = train.initial_state(config, model, tx, jax.random.PRNGKey(0))
+    return model, tx, train.initial_state(config, model, tx, jax.random.PRNGKey(0))
+
+
+def run_steps(config, batches, devices, launcher="pmap"):
+    model, tx, state = start(config)
     run = parallel.make_launcher(launcher, train.make_train_step(model, tx, config), devices)
     dstate, losses = run.put_state(state), []
     for batch in batches:
@@ -95,8 +100,7 @@ def test_global_scope_equals_one_device_on_the_global_batch():
 def test_device_scope_loss_is_the_mean_of_sub_batch_losses():
     config = tiny_config(loss_scope="device")
     batch = synthetic_batches(4, 4, 1)[0]
-    model, tx = train.create_model(config), make_optimizer(config.optim, total_steps=config.total_steps)
-    state = train.initial_state(config, model, tx, jax.random.PRNGKey(0))
+    model, _, state = start(config)
     per_device = []
     for d in range(4):  # the reference: each sub-batch alone, no collectives
         out = model.apply({"params": state["params"]}, batch["image"][d], train=True)
@@ -115,14 +119,10 @@ def test_loss_groups_do_not_depend_on_the_device_count():
     batches = synthetic_batches(1, 8, STEPS, seed=1)
     split = lambda n: [{k: v.reshape((n, -1) + v.shape[2:]) for k, v in b.items()} for b in batches]
 
-    config = parity_config
-
-    c = config()
-    init = train.initial_state(c, train.create_model(c), make_optimizer(c.optim, total_steps=10),
-                               jax.random.PRNGKey(0))  # run_steps starts from this state
-    one, l1 = run_steps(config(loss_scope="groups", loss_groups=2), batches, jax.devices()[:1])
-    two, l2 = run_steps(config(loss_scope="device"), split(2), jax.devices()[:2])
-    four, l4 = run_steps(config(loss_scope="groups", loss_groups=2), split(4), jax.devices()[:4])
+    init = start(parity_config())[2]
+    one, l1 = run_steps(parity_config(loss_scope="groups", loss_groups=2), batches, jax.devices()[:1])
+    two, l2 = run_steps(parity_config(loss_scope="device"), split(2), jax.devices()[:2])
+    four, l4 = run_steps(parity_config(loss_scope="groups", loss_groups=2), split(4), jax.devices()[:4])
     chex.assert_trees_all_close(one["params"], two["params"], rtol=1e-5, atol=1e-5)
     chex.assert_trees_all_close(four["params"], two["params"], rtol=1e-5, atol=1e-5)
     moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), one["params"], init["params"])
@@ -169,8 +169,6 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path):
     # gloo's cross-process all-reduce sums in another order than XLA's in-process one;
     # with the released Adam eps that moved 15 of 64 biases by up to 4e-4 on JAX 0.10.0.
     chex.assert_trees_all_close(multi, flat, rtol=1e-4, atol=1e-5)
-    c = parity_config()
-    init = flatten_tree(train.initial_state(c, train.create_model(c), make_optimizer(c.optim, total_steps=10),
-                                            jax.random.PRNGKey(0))["params"])
+    init = flatten_tree(start(parity_config())[2]["params"])
     moved = max(float(np.max(np.abs(multi[k] - init[k]))) for k in init)
     assert moved > 1e-3, moved  # the steps moved the parameters far beyond the tolerance
