@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from deml_jax.models.attention import caffe_xavier
+from deml_jax.ops.conv import conv3x3
 
 # stage -> (output channels as a multiple of width, stride)
 TINY_STAGES = {"conv1": (1, 1), "conv2": (2, 2), "inception_4b": (4, 2),
@@ -40,6 +41,24 @@ def tiny_stages(abe_stage: bool = False) -> dict[str, tuple[int, int]]:
         if name == "conv2":
             out[TINY_ABE_STAGE[0]] = TINY_ABE_STAGE[1]
     return out
+
+
+class Conv3x3(nn.Module):
+    """``nn.Conv(features, (3, 3), strides=stride, padding=1)`` with the same
+    parameters (``kernel`` [3, 3, Cin, features], Caffe xavier; ``bias`` zeros)
+    and forward pass, and a kernel gradient CPUs compute fast (ops/conv.py)."""
+
+    features: int
+    stride: int = 1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", caffe_xavier, (3, 3, x.shape[-1], self.features),
+                            jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        y = conv3x3(x.astype(self.dtype), kernel.astype(self.dtype), self.stride)
+        return y + bias.astype(self.dtype)
 
 
 class TinyNet(nn.Module):
@@ -64,7 +83,6 @@ class TinyNet(nn.Module):
             if name == "pool5":
                 h = jnp.mean(h, axis=(1, 2))
             else:
-                h = nn.relu(nn.Conv(mult * self.width, (3, 3), strides=stride, padding=1,
-                                    dtype=self.dtype, kernel_init=caffe_xavier, name=name)(h))
+                h = nn.relu(Conv3x3(mult * self.width, stride, dtype=self.dtype, name=name)(h))
             inter[name] = h
         return h, inter
