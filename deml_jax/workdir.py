@@ -5,7 +5,7 @@ by the one training run that writes the workdir; a second run refuses to start
 and names the holder.  The file is created atomically (written aside, then
 ``os.link``-ed into place, which fails if it exists), so a reader never sees a
 half-written lock.  A lock left by a dead process on the same host (``kill -9``,
-a crash) is taken over with a warning; one from another host is never guessed
+a crash; a zombie its parent has not reaped counts as dead) is taken over with a warning; one from another host is never guessed
 stale.  Commands that only read (``evaluate``, ``export_features``) take no lock.
 Multi-host runs: only process 0 holds it (the caller decides).
 
@@ -84,13 +84,18 @@ def _proc_start(pid: int) -> str | None:
 
 
 def _alive(pid: int) -> bool:
+    """True if ``pid`` runs; a zombie (killed, not yet reaped by its parent) is dead."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
-        return True
-    return True
+        pass
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): trust kill(0)
+    return state not in ("Z", "X")
 
 
 def describe_holder(holder: Mapping[str, Any]) -> str:

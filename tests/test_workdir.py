@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -57,6 +58,31 @@ def test_lock_names_a_live_holder_and_takes_over_a_dead_ones(tmp_path, caplog):
     assert any("stale lock" in r.getMessage() and str(holder.pid) in r.getMessage()
                for r in caplog.records)
     assert sorted(os.listdir(tmp_path)) == []  # released, and nothing left aside
+
+
+def test_a_zombie_holder_is_dead(tmp_path):
+    """kill -9 of a holder whose parent has not reaped it yet (a zombie, as a killed
+    run's child can be for a moment, or for good in a container without init)."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], cwd=ROOT,
+                              env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "LOCKED"
+        os.kill(holder.pid, signal.SIGKILL)  # not waited for: stays a zombie
+        deadline = time.time() + 60
+        while time.time() < deadline and _proc_state(holder.pid) != "Z":
+            time.sleep(0.05)
+        assert _proc_state(holder.pid) == "Z"
+        with workdir.WorkdirLock(tmp_path) as lock:
+            assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+
+
+def _proc_state(pid):
+    """The state letter of /proc/PID/stat (field 3), read here independently."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
 
 
 def test_a_lock_from_another_host_is_never_taken_over(tmp_path):

@@ -96,6 +96,14 @@ def test_sweep_runs_reruns_and_resumes_after_kill(sweep_file):
         os.killpg(p.pid, signal.SIGKILL)
     p.communicate(timeout=60)
     assert killed, "the sweep finished before it could be killed"
+    # kill -9 is asynchronous: run b's process may still be exiting (its lock still
+    # names a live pid) when a rerun starts; a user restarts later than this.
+    while time.time() < deadline:
+        try:
+            os.killpg(p.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
     assert not os.path.exists(os.path.join(b, "b", "seed0", "results.json"))
     p = runner(sweep, b)
     out = p.communicate(timeout=900)[0]
