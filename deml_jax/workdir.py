@@ -5,9 +5,10 @@ by the one training run that writes the workdir; a second run refuses to start
 and names the holder.  The file is created atomically (written aside, then
 ``os.link``-ed into place, which fails if it exists), so a reader never sees a
 half-written lock.  A lock left by a dead process on the same host (``kill -9``,
-a crash; a zombie its parent has not reaped counts as dead) is taken over with a warning; one from another host is never guessed
-stale.  Commands that only read (``evaluate``, ``export_features``) take no lock.
-Multi-host runs: only process 0 holds it (the caller decides).
+a crash; a zombie its parent has not reaped counts as dead) is taken over with
+a warning; one from another host is never guessed stale.  Commands that only
+read (``evaluate``, ``export_features``) take no lock.  Multi-host runs: only
+process 0 holds it (the caller decides).
 
 ``workdir/config.json`` (``{config, argv, versions, history}``) is written when
 a run starts; a resumed run (and ``evaluate``) compares its config with it:
@@ -71,16 +72,22 @@ class ConfigChangeError(ValueError):
 # ----------------------------------------------------------------------------
 # Lock.
 
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields 3.. of ``/proc/PID/stat`` (after the command name), or None (no such
+    process, or no ``/proc``: not Linux)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def _proc_start(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (Linux ``/proc``), or None.
+    """The kernel's start time of ``pid`` (field 22), or None.
 
     Distinguishes a live holder from an unrelated process that reused its pid.
     """
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[19]  # field 22: starttime
-    except (OSError, IndexError):
-        return None
+    fields = _proc_stat(pid)
+    return fields[19] if fields and len(fields) > 19 else None
 
 
 def _alive(pid: int) -> bool:
@@ -91,11 +98,10 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:  # exists, owned by someone else
         pass
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
+    fields = _proc_stat(pid)
+    if not fields:
         return True  # no /proc (not Linux): trust kill(0)
-    return state not in ("Z", "X")
+    return fields[0] not in ("Z", "X")  # field 3: the state
 
 
 def describe_holder(holder: Mapping[str, Any]) -> str:

@@ -24,7 +24,6 @@ import statistics
 import sys
 import time
 
-import flax.jax_utils
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,9 +31,10 @@ import numpy as np
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 sys.path.insert(0, ROOT)
 
-from deml_jax import config_lib, train  # noqa: E402
+from deml_jax import config_lib  # noqa: E402
 from deml_jax.models import kernels  # noqa: E402
 from deml_jax.models.googlenet import conv2d  # noqa: E402
+from experiments.bench import method_step  # noqa: E402
 
 # (name, input shape, output channels, stride)
 LAYERS = [
@@ -48,7 +48,8 @@ LAYERS = [
 
 
 def timed(fn, args, repeats):
-    out = jax.block_until_ready(fn(*args))  # compile + warm-up
+    """Median seconds of ``repeats`` calls after a compiling warm-up, and the last output."""
+    out = jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -77,25 +78,10 @@ def layer_rows(repeats):
 
 def step_time(spec, mode, repeats):
     c = config_lib.load_config(spec)
-    c.model.kernels = mode
+    c.model.kernels = mode  # create_model fixes the kernels before the step is traced
     c.parallel.num_devices = 1
-    model, tx = train.create_model(c), train.create_optimizer(c)  # fixes the kernels
-    run = jax.pmap(train.make_train_step(model, tx, c), axis_name="data", donate_argnums=(0,))
-    state = flax.jax_utils.replicate(train.initial_state(c, model, tx, jax.random.PRNGKey(0)),
-                                     jax.local_devices()[:1])
-    batch, ipc, size = (int(c.dataset.global_batch_size), c.dataset.images_per_class,
-                        c.dataset.crop_size)
-    data = {"image": np.random.default_rng(0).uniform(-120, 130, (1, batch, size, size, 3))
-            .astype(np.float32),
-            "label": np.repeat(np.arange(batch // ipc), ipc)[None].astype(np.int32)}
-    compiled = run.lower(state, data).compile()
-    holder = [state]
-
-    def step():
-        holder[0], metrics = compiled(holder[0], data)
-        return metrics
-
-    return timed(step, (), repeats)[0], batch
+    r = method_step.time_train_step(c, repeats)
+    return r["step_s"], r["batch"]
 
 
 def main():
@@ -113,7 +99,6 @@ def main():
         custom, _ = step_time(spec, "custom", args.repeats)
         print(f"{'fashion_mnist_demo ' + m:24} {batch:5d} {native:9.3f} {custom:9.3f} "
               f"{native / custom:8.2f}", flush=True)
-    kernels.set_kernels("auto")
 
 
 if __name__ == "__main__":

@@ -45,11 +45,17 @@ def bench(method: str, full: bool, steps: int, dataset: str):
     if not os.path.exists(path):
         return None
     c = config_lib.load_config(path)
-    batch = released_batch(c)
     if not full:
         c.model.backbone = "tiny"
         c.dataset.update(crop_size=56, image_size=64)
     c.parallel.update(num_devices=1, loss_scope="device")
+    return dict(method=method, **time_train_step(c, steps))
+
+
+def time_train_step(c, steps: int) -> dict:
+    """One device, ``c``'s global batch of synthetic images: compile time and the median
+    of ``steps`` timed train steps after one warm-up -> {batch, compile_s, step_s, images_per_s}."""
+    batch = released_batch(c)
     model, tx = train.create_model(c), train.create_optimizer(c)
     run = jax.pmap(train.make_train_step(model, tx, c), axis_name="data", donate_argnums=(0,))
     state = train.initial_state(c, model, tx, jax.random.PRNGKey(0))
@@ -73,8 +79,7 @@ def bench(method: str, full: bool, steps: int, dataset: str):
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t)
     step_s = statistics.median(times)
-    return dict(method=method, batch=batch, compile_s=compile_s, step_s=step_s,
-                images_per_s=batch / step_s)
+    return dict(batch=batch, compile_s=compile_s, step_s=step_s, images_per_s=batch / step_s)
 
 
 def main():

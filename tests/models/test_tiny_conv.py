@@ -118,9 +118,7 @@ def test_small_trunk_gradients_match_flax_conv_trunk(mode):
     with kernels.use_kernels(mode):
         g_ours = jax.grad(loss_ours)(params)
     g_theirs = jax.grad(loss_theirs)(params)
-    for path, a in jax.tree_util.tree_leaves_with_path(g_ours):
-        b = g_theirs
-        for key in path:
-            b = b[key.key]
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_ours),
+                            jax.tree_util.tree_leaves(g_theirs)):  # same structure, asserted
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5,
                                    err_msg=jax.tree_util.keystr(path))
