@@ -159,9 +159,19 @@ def markdown(rows: Sequence[Mapping], *, name: str, reference,
 # ---------------------------------------------------------------------------
 # Pictures.
 
+MARKERS = ("o", "s", "^", "D", "v")
+
+
+def row_style(i: int) -> tuple[str, str]:
+    """(colour, marker) of the i-th row: matplotlib's 10 cycle colours, then the next
+    marker, so that up to 50 rows are told apart in one picture."""
+    return f"C{i % 10}", MARKERS[(i // 10) % len(MARKERS)]
+
+
 def pictures(rows: Sequence[Mapping], curves: Mapping[str, Mapping], out_dir: str) -> list[str]:
-    """recall_at_k.png (mean ± std per row, untrained dashed) and curves.png
-    (training loss and val — else test — Recall@1 against the step, mean over seeds)."""
+    """recall_at_k.png (mean ± std per row, untrained dotted) and curves.png
+    (training loss, log scale when positive, and val — else test — Recall@1 against
+    the step, mean over seeds); one (colour, marker) per row, legends beside the axes."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -169,39 +179,48 @@ def pictures(rows: Sequence[Mapping], curves: Mapping[str, Mapping], out_dir: st
     paths = []
     ks = sorted({int(k.split("@")[1]) for r in rows for k in r
                  if k.startswith(TEST + "recall@") and r.get(k) is not None})
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     for i, row in enumerate(row_names(rows)):
+        colour, marker = row_style(i)
         rs = [r for r in rows if r["row"] == row]
         for prefix, style, label in ((TEST, "-", row), (UNTRAINED, ":", f"{row} (untrained)")):
             stats = [mean_std(r.get(f"{prefix}recall@{k}") for r in rs) for k in ks]
             if not any(s[2] for s in stats):
                 continue
             ax.errorbar([k * (1 + 0.03 * i) for k in ks], [s[0] for s in stats],
-                        yerr=[s[1] or 0.0 for s in stats], fmt="o" + style, capsize=3,
-                        label=label, color=f"C{i % 10}")
+                        yerr=[s[1] or 0.0 for s in stats], fmt=marker + style, capsize=3,
+                        label=label, color=colour)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("K")
     ax.set_ylabel("Recall@K (test)")
     ax.set_title("Recall@K: mean ± std over seeds")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     paths.append(os.path.join(out_dir, "recall_at_k.png"))
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    losses = []
     for i, row in enumerate(row_names(rows)):
+        colour, marker = row_style(i)
         c = curves.get(row, {})
         for ax, key in zip(axes, ("loss", "r1")):
             if c.get(key):
                 steps = sorted(c[key])
-                ax.plot(steps, [sum(c[key][s]) / len(c[key][s]) for s in steps], "-o",
-                        ms=2, label=row, color=f"C{i % 10}")
-    axes[0].set_title("training loss (mean over seeds)")
+                means = [sum(c[key][s]) / len(c[key][s]) for s in steps]
+                ax.plot(steps, means, "-" + marker, ms=3, markevery=max(1, len(steps) // 10),
+                        label=row, color=colour)
+                if key == "loss":
+                    losses += means
+    positive = bool(losses) and min(losses) > 0
+    if positive:
+        axes[0].set_yscale("log")
+    axes[0].set_title("training loss (mean over seeds" + (", log scale)" if positive else ")"))
     axes[1].set_title("val Recall@1 (test where no val split)")
     for ax in axes:
         ax.set_xlabel("step")
-        ax.legend(fontsize=7)
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     paths.append(os.path.join(out_dir, "curves.png"))
     fig.savefig(paths[-1], dpi=100)

@@ -72,6 +72,14 @@ def test_csv_round_trip_and_pictures(rows, tmp_path):
         assert os.path.getsize(path) > 0
 
 
+def test_rows_keep_distinct_styles_beyond_ten():
+    """36 rows (a full demo sweep is 12): no two share colour and marker; the 11th row
+    reuses the 1st colour with another marker."""
+    styles = [sweep_report.row_style(i) for i in range(36)]
+    assert len(set(styles)) == 36
+    assert styles[10][0] == styles[0][0] and styles[10][1] != styles[0][1]
+
+
 def test_cost_unmeasured_and_measured():
     runs = [dict(row="deml", seed=s, steps=1000, method="deml", dtype="float32", devices=1)
             for s in (0, 1, 2)]
